@@ -1,0 +1,94 @@
+# xprec: `make` builds build/bin/xprec and the engine library build/lib/libxprec.a (engine/ only:
+# the module, the command line, tests and benchmarks all link it); `make check` installs missing
+# dependencies, builds, and runs every test (unit tests plain and under ASan+UBSan, then pytest).
+
+CC      ?= cc
+BUILD   := build
+WARN    := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wno-unused-parameter
+CFLAGS  ?= -O2 -g
+CFLAGS  += -std=c11 -D_GNU_SOURCE -pthread $(WARN) -Iengine -Iadapters -MMD -MP
+# OpenBLAS/LAPACKE for the toolkit's linear algebra
+BLAS_LIBS := $(shell pkg-config --libs openblas 2>/dev/null || echo -lopenblas) -llapacke
+LDLIBS  := -lcjson -lpcre2-8 -lutf8proc $(BLAS_LIBS) -lm -pthread
+SAN     := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+
+ENGINE_SRC   := $(sort $(wildcard engine/*.c engine/cpu/*.c))
+ADAPTERS_SRC := $(sort $(wildcard adapters/*.c))
+CLI_MAIN     := adapters/main.c
+TOOL_SRC     := $(filter-out $(CLI_MAIN),$(ADAPTERS_SRC))
+UNIT_SRC     := $(sort $(wildcard tests/unit/test_*.c))
+UNIT_SUPPORT := $(filter-out $(UNIT_SRC),$(wildcard tests/unit/*.c))
+
+obj      = $(patsubst %.c,$(BUILD)/$(1)/%.o,$(2))
+LIB      := $(BUILD)/lib/libxprec.a
+LIB_SAN  := $(BUILD)/san/libxprec.a
+XPREC    := $(BUILD)/bin/xprec
+XPREC_SAN:= $(BUILD)/san/bin/xprec
+UNITS    := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRC))
+UNITS_SAN:= $(patsubst tests/unit/%.c,$(BUILD)/san/tests/%,$(UNIT_SRC))
+
+.PHONY: all check deps unit unit-san integration demo bench clean format
+all: $(XPREC) $(LIB)
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/san/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -O1 $(SAN) -c $< -o $@
+
+$(LIB): $(call obj,obj,$(ENGINE_SRC))
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+$(LIB_SAN): $(call obj,san/obj,$(ENGINE_SRC))
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+$(XPREC): $(call obj,obj,$(CLI_MAIN) $(TOOL_SRC)) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+
+$(XPREC_SAN): $(call obj,san/obj,$(CLI_MAIN) $(TOOL_SRC)) $(LIB_SAN)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(call obj,obj,$(UNIT_SUPPORT) $(TOOL_SRC)) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
+
+$(BUILD)/san/tests/%: $(BUILD)/san/obj/tests/unit/%.o $(call obj,san/obj,$(UNIT_SUPPORT) $(TOOL_SRC)) $(LIB_SAN)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lcmocka
+
+deps:
+	scripts/deps.sh
+
+unit: $(UNITS)
+	scripts/run-unit.sh $(UNITS)
+
+unit-san: $(UNITS_SAN) $(XPREC_SAN)
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	    scripts/run-unit.sh $(UNITS_SAN)
+
+integration: $(XPREC) $(XPREC_SAN)
+	scripts/run-integration.sh
+
+check: deps
+	$(MAKE) all $(UNITS) $(UNITS_SAN) $(XPREC_SAN)
+	$(MAKE) unit unit-san integration
+
+demo: deps $(XPREC)
+	scripts/demo.sh
+
+bench: $(XPREC)
+	scripts/bench.sh
+
+format:
+	clang-format -i $(ENGINE_SRC) $(ADAPTERS_SRC) $(UNIT_SRC) $(wildcard engine/*.h adapters/*.h)
+
+clean:
+	rm -rf $(BUILD)/obj $(BUILD)/san $(BUILD)/lib $(BUILD)/bin $(BUILD)/tests
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

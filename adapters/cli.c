@@ -1,0 +1,110 @@
+#include "cli.h"
+#include "xp_error.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+int xp_arg_long(const char *cmd, const char *opt, const char *s, long min, long max, long *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < min || v > max) {
+        fprintf(stderr, "xprec %s: %s needs an integer in [%ld, %ld], got \"%s\"\n", cmd, opt, min,
+                max, s);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int xp_arg_double(const char *cmd, const char *opt, const char *s, double min, double max,
+                  double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= min && v <= max)) {
+        fprintf(stderr, "xprec %s: %s needs a number in [%g, %g], got \"%s\"\n", cmd, opt, min,
+                max, s);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+double xp_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void xp_progress_begin(xp_progress *p, const char *label, size_t items, uint64_t bytes)
+{
+    p->tty = isatty(STDERR_FILENO);
+    p->label = label;
+    p->items = items;
+    p->bytes = bytes;
+    p->t0 = p->last = xp_now();
+}
+
+void xp_progress_update(xp_progress *p, size_t done_items, uint64_t done_bytes,
+                        const char *current)
+{
+    if (!p->tty) return;
+    double now = xp_now();
+    if (now - p->last < 0.2 && done_items < p->items) return;
+    p->last = now;
+    double el = now - p->t0, mbs = el > 0 ? (double)done_bytes / el / 1e6 : 0;
+    double left = done_bytes && p->bytes > done_bytes
+                      ? el * (double)(p->bytes - done_bytes) / (double)done_bytes
+                      : 0;
+    fprintf(stderr, "\r\033[K%s: tensor %zu/%zu, %.0f MB/s, %.0f s left  %.60s", p->label,
+            done_items, p->items, mbs, left, current ? current : "");
+    fflush(stderr);
+}
+
+void xp_progress_end(xp_progress *p)
+{
+    if (!p->tty) return;
+    double el = xp_now() - p->t0;
+    fprintf(stderr, "\r\033[K%s: %zu tensors, %.1f MB in %.1f s (%.0f MB/s)\n", p->label, p->items,
+            (double)p->bytes / 1e6, el, el > 0 ? (double)p->bytes / el / 1e6 : 0);
+}
+
+int xp_mkdir(const char *dir)
+{
+    if (mkdir(dir, 0777) == 0 || errno == EEXIST) {
+        struct stat st;
+        if (stat(dir, &st) == 0 && S_ISDIR(st.st_mode)) return 0;
+        return xp_fail("%s exists and is not a directory", dir);
+    }
+    return xp_fail("%s: %s", dir, strerror(errno));
+}
+
+int xp_copy_file(const char *src, const char *dst)
+{
+    FILE *in = fopen(src, "rb");
+    if (!in) return xp_fail("%s: %s", src, strerror(errno));
+    FILE *out = fopen(dst, "wb");
+    if (!out) {
+        fclose(in);
+        return xp_fail("%s: %s", dst, strerror(errno));
+    }
+    char buf[1 << 16];
+    size_t n;
+    int ok = 1;
+    while (ok && (n = fread(buf, 1, sizeof buf, in)) > 0) ok = fwrite(buf, 1, n, out) == n;
+    ok = ok && !ferror(in);
+    fclose(in);
+    ok = (fclose(out) == 0) && ok;
+    if (!ok) return xp_fail("copying %s to %s failed", src, dst);
+    return 0;
+}
