@@ -1,6 +1,7 @@
 #include "cli.h"
 #include "xp_error.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -106,5 +107,45 @@ int xp_copy_file(const char *src, const char *dst)
     fclose(in);
     ok = (fclose(out) == 0) && ok;
     if (!ok) return xp_fail("copying %s to %s failed", src, dst);
+    return 0;
+}
+
+static int xp_is_aux(const char *name)
+{
+    size_t n = strlen(name);
+    if (strcmp(name, "config.json") == 0 || name[0] == '.') return 0;
+    if (n > 12 && strcmp(name + n - 12, ".safetensors") == 0) return 0;
+    if (n > 23 && strcmp(name + n - 23, ".safetensors.index.json") == 0) return 0;
+    return 1;
+}
+
+int xp_copy_aux_files(const char *src_dir, const char *dst_dir)
+{
+    DIR *d = opendir(src_dir);
+    if (!d) return xp_fail("%s: %s", src_dir, strerror(errno));
+    struct dirent *e;
+    int rc = 0;
+    char src[4096], dst[4096];
+    while (rc == 0 && (e = readdir(d))) {
+        if (!xp_is_aux(e->d_name)) continue;
+        snprintf(src, sizeof src, "%s/%s", src_dir, e->d_name);
+        snprintf(dst, sizeof dst, "%s/%s", dst_dir, e->d_name);
+        struct stat st;
+        if (stat(src, &st) < 0 || !S_ISREG(st.st_mode)) continue;
+        rc = xp_copy_file(src, dst);
+    }
+    closedir(d);
+    return rc;
+}
+
+int xp_write_text(const char *dir, const char *name, const char *text)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *fp = fopen(path, "wb");
+    if (!fp) return xp_fail("%s: %s", path, strerror(errno));
+    int ok = fputs(text, fp) >= 0 && fputc('\n', fp) != EOF;
+    ok = (fclose(fp) == 0) && ok;
+    if (!ok) return xp_fail("%s: write failed", path);
     return 0;
 }

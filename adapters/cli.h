@@ -33,4 +33,11 @@ int xp_mkdir(const char *dir);
 /* Copies a small file (config, tokenizer); returns -1 with xp_last_error() set. */
 int xp_copy_file(const char *src, const char *dst);
 
+/* Copies every small file of a checkpoint directory (tokenizer, generation config, ...) except
+ * the safetensors, their index and config.json, which the caller writes itself. */
+int xp_copy_aux_files(const char *src_dir, const char *dst_dir);
+
+/* Writes text to DIR/NAME. */
+int xp_write_text(const char *dir, const char *name, const char *text);
+
 #endif

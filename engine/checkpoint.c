@@ -251,3 +251,50 @@ void xp_ckpt_close(xp_ckpt *c)
     free(c->dir);
     free(c);
 }
+
+static void xp_spec(xp_tensor_spec *out, size_t *n, const char *name, xp_role role, int layer,
+                    xp_module m, int64_t d0, int64_t d1)
+{
+    if (out) {
+        xp_tensor_spec *s = &out[*n];
+        snprintf(s->name, sizeof s->name, "%s", name);
+        s->role = role;
+        s->layer = layer;
+        s->mod = m;
+        s->ndim = d1 < 0 ? 1 : 2;
+        s->shape[0] = d0;
+        s->shape[1] = d1 < 0 ? 0 : d1;
+    }
+    (*n)++;
+}
+
+size_t xp_qwen3_tensor_specs(const xp_qwen3_config *g, xp_tensor_spec *out)
+{
+    size_t n = 0;
+    char name[96], path[80];
+    xp_spec(out, &n, "model.embed_tokens.weight", XP_ROLE_EMBED, -1, 0, g->vocab_size,
+            g->hidden_size);
+    for (int l = 0; l < g->num_hidden_layers; l++) {
+        snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight", l);
+        xp_spec(out, &n, name, XP_ROLE_NORM, l, 0, g->hidden_size, -1);
+        for (int m = 0; m < XP_MOD_COUNT; m++) {
+            int64_t o, i;
+            xp_module_shape(g, (xp_module)m, &o, &i);
+            xp_module_path(path, sizeof path, l, (xp_module)m);
+            snprintf(name, sizeof name, "%s.weight", path);
+            xp_spec(out, &n, name, XP_ROLE_LINEAR, l, (xp_module)m, o, i);
+            if (m == XP_MOD_O) {
+                snprintf(name, sizeof name, "model.layers.%d.self_attn.q_norm.weight", l);
+                xp_spec(out, &n, name, XP_ROLE_NORM, l, 0, g->head_dim, -1);
+                snprintf(name, sizeof name, "model.layers.%d.self_attn.k_norm.weight", l);
+                xp_spec(out, &n, name, XP_ROLE_NORM, l, 0, g->head_dim, -1);
+                snprintf(name, sizeof name, "model.layers.%d.post_attention_layernorm.weight", l);
+                xp_spec(out, &n, name, XP_ROLE_NORM, l, 0, g->hidden_size, -1);
+            }
+        }
+    }
+    xp_spec(out, &n, "model.norm.weight", XP_ROLE_NORM, -1, 0, g->hidden_size, -1);
+    if (!g->tie_word_embeddings)
+        xp_spec(out, &n, "lm_head.weight", XP_ROLE_LM_HEAD, -1, 0, g->vocab_size, g->hidden_size);
+    return n;
+}

@@ -68,6 +68,20 @@ void xp_ckpt_close(xp_ckpt *c);
 /* Linear weight of a layer and module. */
 int xp_ckpt_weight(const xp_ckpt *c, int layer, xp_module m, xp_weight *out);
 
+/* One tensor a Qwen3 checkpoint of some config holds (unquantized). */
+typedef struct {
+    char name[96];
+    xp_role role;
+    int layer; /* -1 outside the layers */
+    xp_module mod;
+    int ndim;
+    int64_t shape[2];
+} xp_tensor_spec;
+
+/* The tensors of a Qwen3 of this config, in the order Hugging Face saves them (embeddings, layer
+ * by layer, final norm, lm_head when untied). Returns the count; fills out when not NULL. */
+size_t xp_qwen3_tensor_specs(const xp_qwen3_config *cfg, xp_tensor_spec *out);
+
 /* "model.layers.{layer}.{parent}.{name}" into buf (no ".weight"). */
 void xp_module_path(char *buf, size_t size, int layer, xp_module m);
 

@@ -1,0 +1,374 @@
+/* xprec synth: random Qwen3-shaped BF16 checkpoints for tests and benchmarks, and planted
+ * "fine-tunes" of them (base + a known rank-K update + optional dense noise) that stand in for a
+ * real fine-tune when testing extraction and fidelity. */
+#include "checkpoint.h"
+#include "cli.h"
+#include "commands.h"
+#include "rng.h"
+#include "xp_error.h"
+
+#include <cblas.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define XP_WEIGHT_STD 0.02f
+
+typedef struct {
+    const char *out, *tokenizer, *tuned_from;
+    uint64_t seed;
+    xp_qwen3_config cfg;
+    long delta_rank;
+    double delta_scale, noise, norm_delta, embed_delta;
+    size_t max_shard;
+} xp_synth_opts;
+
+static const struct {
+    const char *name;
+    xp_qwen3_config cfg;
+} xp_presets[] = {
+    /* tests: the real vocabulary, GQA, hidden and intermediate not multiples of 128 */
+    {"tiny", {320, 800, 2, 4, 2, 64, 151936, 40960, 1e-6, 1e6, 0}},
+    /* benchmarks: exactly Qwen3-0.6B's shape */
+    {"small", {1024, 3072, 28, 16, 8, 128, 151936, 40960, 1e-6, 1e6, 1}},
+    /* GPU benchmarks: Qwen3-32B's shape */
+    {"qwen3-32b", {5120, 25600, 64, 64, 8, 128, 151936, 40960, 1e-6, 1e6, 0}},
+};
+
+static const char xp_generation_config[] =
+    "{\n  \"bos_token_id\": 151643,\n  \"do_sample\": true,\n  \"eos_token_id\": [151645, "
+    "151643],\n  \"pad_token_id\": 151643,\n  \"temperature\": 0.6,\n  \"top_k\": 20,\n  "
+    "\"top_p\": 0.95,\n  \"transformers_version\": \"4.51.0\"\n}";
+
+static void xp_synth_usage(FILE *fp)
+{
+    fprintf(fp,
+            "usage: xprec synth --preset tiny|small|qwen3-32b --out DIR [--seed N] [--tokenizer DIR]\n"
+            "                   [--hidden N] [--intermediate N] [--layers N] [--heads N]\n"
+            "                   [--kv-heads N] [--head-dim N] [--vocab N] [--tied|--untied]\n"
+            "       xprec synth --tuned-from BASE --delta-rank K --delta-scale S [--noise E]\n"
+            "                   [--norm-delta F] [--embed-delta F] --out DIR [--seed N]\n"
+            "  [--max-shard-mb N]  split model.safetensors into shards of at most N MB\n\n"
+            "A random BF16 Qwen3 checkpoint (weights ~N(0, 0.02), norms ~1), deterministic for a\n"
+            "seed; or a fine-tune of BASE: every linear weight W plus a planted rank-K update\n"
+            "with ||dW|| = S ||W|| and dense noise with ||N|| = E ||W||; norms scaled by\n"
+            "(1 + F x N(0,1)), embeddings and lm_head moved by a relative F.\n");
+}
+
+static void xp_to_bf16(const float *src, uint16_t *dst, size_t n)
+{
+    for (size_t i = 0; i < n; i++) dst[i] = xp_f32_to_bf16(src[i]);
+}
+
+static double xp_norm(const float *x, size_t n)
+{
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)x[i] * x[i];
+    return sqrt(s);
+}
+
+static int xp_synth_base(const xp_synth_opts *o)
+{
+    size_t n = xp_qwen3_tensor_specs(&o->cfg, NULL);
+    xp_tensor_spec *specs = calloc(n, sizeof *specs);
+    xp_st_writer *w = xp_stw_new();
+    float *buf = NULL;
+    uint16_t *out = NULL;
+    int rc = -1;
+    if (!specs || !w) {
+        xp_fail("out of memory");
+        goto done;
+    }
+    xp_qwen3_tensor_specs(&o->cfg, specs);
+    size_t maxel = 0;
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t el = (size_t)specs[i].shape[0] * (size_t)(specs[i].ndim == 2 ? specs[i].shape[1] : 1);
+        if (el > maxel) maxel = el;
+        total += 2 * el;
+        if (xp_stw_declare(w, specs[i].name, XP_BF16, specs[i].ndim, specs[i].shape) < 0)
+            goto done;
+    }
+    buf = malloc(maxel * sizeof *buf);
+    out = malloc(maxel * sizeof *out);
+    if (!buf || !out) {
+        xp_fail("out of memory");
+        goto done;
+    }
+    if (xp_stw_open(w, o->out, "model", o->max_shard) < 0) goto done;
+    xp_progress pr;
+    xp_progress_begin(&pr, "synth", n, total);
+    uint64_t done_bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        const xp_tensor_spec *s = &specs[i];
+        size_t el = (size_t)s->shape[0] * (size_t)(s->ndim == 2 ? s->shape[1] : 1);
+        xp_rng r;
+        xp_rng_seed(&r, o->seed, s->name);
+        if (s->role == XP_ROLE_NORM)
+            xp_rng_fill_normal(&r, buf, el, 1.0f, XP_WEIGHT_STD);
+        else
+            xp_rng_fill_normal(&r, buf, el, 0.0f, XP_WEIGHT_STD);
+        xp_to_bf16(buf, out, el);
+        if (xp_stw_write(w, s->name, out, el * 2) < 0) goto done;
+        done_bytes += el * 2;
+        xp_progress_update(&pr, i + 1, done_bytes, s->name);
+    }
+    xp_progress_end(&pr);
+    rc = xp_stw_finish(w);
+done:
+    xp_stw_free(w);
+    free(specs);
+    free(buf);
+    free(out);
+    return rc;
+}
+
+/* W += S ||W|| U V / ||U V|| (U [out, K], V [K, in] Gaussian) + E ||W|| N / ||N||. */
+static int xp_plant_delta(const xp_synth_opts *o, const char *name, float *wt, int64_t rows,
+                          int64_t cols, float *tmp)
+{
+    size_t el = (size_t)(rows * cols);
+    double wn = xp_norm(wt, el);
+    xp_rng r;
+    char stream[160];
+    if (o->delta_rank > 0 && o->delta_scale > 0) {
+        int64_t k = o->delta_rank < rows && o->delta_rank < cols ? o->delta_rank
+                                                                 : (rows < cols ? rows : cols);
+        float *u = malloc((size_t)(rows * k) * sizeof *u), *v = malloc((size_t)(k * cols) * sizeof *v);
+        if (!u || !v) {
+            free(u);
+            free(v);
+            return xp_fail("out of memory");
+        }
+        snprintf(stream, sizeof stream, "delta:%s", name);
+        xp_rng_seed(&r, o->seed, stream);
+        xp_rng_fill_normal(&r, u, (size_t)(rows * k), 0, 1);
+        xp_rng_fill_normal(&r, v, (size_t)(k * cols), 0, 1);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)cols, (int)k, 1.0f,
+                    u, (int)k, v, (int)cols, 0.0f, tmp, (int)cols);
+        free(u);
+        free(v);
+        double dn = xp_norm(tmp, el);
+        float f = dn > 0 ? (float)(o->delta_scale * wn / dn) : 0;
+        for (size_t i = 0; i < el; i++) wt[i] += f * tmp[i];
+    }
+    if (o->noise > 0) {
+        snprintf(stream, sizeof stream, "noise:%s", name);
+        xp_rng_seed(&r, o->seed, stream);
+        xp_rng_fill_normal(&r, tmp, el, 0, 1);
+        double nn = xp_norm(tmp, el);
+        float f = (float)(o->noise * wn / nn);
+        for (size_t i = 0; i < el; i++) wt[i] += f * tmp[i];
+    }
+    return 0;
+}
+
+static int xp_synth_tuned(xp_synth_opts *o)
+{
+    xp_ckpt *base;
+    if (xp_ckpt_open(o->tuned_from, &base) < 0) return -1;
+    int rc = -1;
+    xp_st_writer *w = xp_stw_new();
+    float *buf = NULL, *tmp = NULL;
+    uint16_t *out = NULL;
+    if (!w) goto oom;
+    if (base->quant.kind != XP_QUANT_NONE) {
+        xp_fail("%s is FP8-quantized; a fine-tune is made from a BF16 base", o->tuned_from);
+        goto done;
+    }
+    size_t n = xp_st_set_count(base->st), maxel = 0;
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        const xp_tensor *t = xp_st_set_tensor(base->st, i);
+        if (t->nelem > maxel) maxel = (size_t)t->nelem;
+        total += t->nbytes;
+        xp_role role = xp_tensor_role(t->name, NULL, NULL);
+        /* changed tensors are written as BF16; untouched ones keep their dtype */
+        int changed = role == XP_ROLE_LINEAR || role == XP_ROLE_NORM || role == XP_ROLE_EMBED ||
+                      role == XP_ROLE_LM_HEAD;
+        if (xp_stw_declare(w, t->name, changed ? XP_BF16 : t->dtype, t->ndim, t->shape) < 0)
+            goto done;
+    }
+    buf = malloc(maxel * sizeof *buf);
+    tmp = malloc(maxel * sizeof *tmp);
+    out = malloc(maxel * sizeof *out);
+    if (!buf || !tmp || !out) goto oom;
+    if (xp_stw_open(w, o->out, "model", o->max_shard) < 0) goto done;
+    xp_progress pr;
+    xp_progress_begin(&pr, "synth", n, total);
+    uint64_t done_bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        const xp_tensor *t = xp_st_set_tensor(base->st, i);
+        size_t el = (size_t)t->nelem;
+        xp_role role = xp_tensor_role(t->name, NULL, NULL);
+        if (role != XP_ROLE_LINEAR && role != XP_ROLE_NORM && role != XP_ROLE_EMBED &&
+            role != XP_ROLE_LM_HEAD) {
+            if (xp_stw_write(w, t->name, t->data, t->nbytes) < 0) goto done;
+            continue;
+        }
+        xp_convert_to_f32(t->dtype, t->data, buf, el);
+        xp_rng r;
+        char stream[160];
+        snprintf(stream, sizeof stream, "tune:%s", t->name);
+        xp_rng_seed(&r, o->seed, stream);
+        if (role == XP_ROLE_LINEAR) {
+            if (xp_plant_delta(o, t->name, buf, t->shape[0], t->shape[1], tmp) < 0) goto done;
+        } else if (role == XP_ROLE_NORM && o->norm_delta > 0) {
+            for (size_t k = 0; k < el; k++)
+                buf[k] *= 1.0f + (float)o->norm_delta * xp_rng_normal(&r);
+        } else if (role != XP_ROLE_NORM && o->embed_delta > 0) {
+            float f = (float)(o->embed_delta * xp_norm(buf, el) / sqrt((double)el));
+            for (size_t k = 0; k < el; k++) buf[k] += f * xp_rng_normal(&r);
+        }
+        xp_to_bf16(buf, out, el);
+        if (xp_stw_write(w, t->name, out, el * 2) < 0) goto done;
+        done_bytes += t->nbytes;
+        xp_progress_update(&pr, i + 1, done_bytes, t->name);
+    }
+    xp_progress_end(&pr);
+    if (xp_copy_aux_files(o->tuned_from, o->out) < 0) goto done;
+    char src[4096], dst[4096];
+    snprintf(src, sizeof src, "%s/config.json", o->tuned_from);
+    snprintf(dst, sizeof dst, "%s/config.json", o->out);
+    if (xp_copy_file(src, dst) < 0) goto done;
+    rc = xp_stw_finish(w);
+    goto done;
+oom:
+    xp_fail("out of memory");
+done:
+    xp_stw_free(w);
+    xp_ckpt_close(base);
+    free(buf);
+    free(tmp);
+    free(out);
+    return rc;
+}
+
+int xp_cmd_synth(int argc, char **argv)
+{
+    enum { O_HIDDEN = 256, O_INTER, O_LAYERS, O_HEADS, O_KV, O_HEADDIM, O_VOCAB, O_TIED, O_UNTIED,
+           O_TUNED, O_DRANK, O_DSCALE, O_NOISE, O_NORMD, O_EMBD, O_SHARD, O_TOK };
+    static const struct option opts[] = {
+        {"preset", required_argument, 0, 'p'},   {"out", required_argument, 0, 'o'},
+        {"seed", required_argument, 0, 's'},     {"tokenizer", required_argument, 0, O_TOK},
+        {"hidden", required_argument, 0, O_HIDDEN}, {"intermediate", required_argument, 0, O_INTER},
+        {"layers", required_argument, 0, O_LAYERS}, {"heads", required_argument, 0, O_HEADS},
+        {"kv-heads", required_argument, 0, O_KV}, {"head-dim", required_argument, 0, O_HEADDIM},
+        {"vocab", required_argument, 0, O_VOCAB}, {"tied", no_argument, 0, O_TIED},
+        {"untied", no_argument, 0, O_UNTIED},    {"tuned-from", required_argument, 0, O_TUNED},
+        {"delta-rank", required_argument, 0, O_DRANK},
+        {"delta-scale", required_argument, 0, O_DSCALE},
+        {"noise", required_argument, 0, O_NOISE}, {"norm-delta", required_argument, 0, O_NORMD},
+        {"embed-delta", required_argument, 0, O_EMBD},
+        {"max-shard-mb", required_argument, 0, O_SHARD}, {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    xp_synth_opts o = {0};
+    const char *preset = NULL;
+    long v;
+    int have_preset = 0, c;
+    long dims[7] = {-1, -1, -1, -1, -1, -1, -1};
+    int tie = -1;
+    o.max_shard = (size_t)4096 << 20;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'p': preset = optarg; break;
+        case 'o': o.out = optarg; break;
+        case 's':
+            if (xp_arg_long("synth", "--seed", optarg, 0, 0x7fffffffL, &v) < 0) return 2;
+            o.seed = (uint64_t)v;
+            break;
+        case O_TOK: o.tokenizer = optarg; break;
+        case O_HIDDEN: case O_INTER: case O_LAYERS: case O_HEADS: case O_KV: case O_HEADDIM:
+        case O_VOCAB:
+            if (xp_arg_long("synth", argv[optind - 2], optarg, 1, 1 << 20, &dims[c - O_HIDDEN]) < 0)
+                return 2;
+            break;
+        case O_TIED: tie = 1; break;
+        case O_UNTIED: tie = 0; break;
+        case O_TUNED: o.tuned_from = optarg; break;
+        case O_DRANK:
+            if (xp_arg_long("synth", "--delta-rank", optarg, 0, 1 << 16, &o.delta_rank) < 0) return 2;
+            break;
+        case O_DSCALE:
+            if (xp_arg_double("synth", "--delta-scale", optarg, 0, 100, &o.delta_scale) < 0) return 2;
+            break;
+        case O_NOISE:
+            if (xp_arg_double("synth", "--noise", optarg, 0, 100, &o.noise) < 0) return 2;
+            break;
+        case O_NORMD:
+            if (xp_arg_double("synth", "--norm-delta", optarg, 0, 10, &o.norm_delta) < 0) return 2;
+            break;
+        case O_EMBD:
+            if (xp_arg_double("synth", "--embed-delta", optarg, 0, 10, &o.embed_delta) < 0) return 2;
+            break;
+        case O_SHARD:
+            if (xp_arg_long("synth", "--max-shard-mb", optarg, 1, 1 << 20, &v) < 0) return 2;
+            o.max_shard = (size_t)v << 20;
+            break;
+        case 'h': xp_synth_usage(stdout); return 0;
+        default: xp_synth_usage(stderr); return 2;
+        }
+    }
+    if (optind < argc || !o.out || (!preset == !o.tuned_from)) {
+        fprintf(stderr, "xprec synth: give --out and exactly one of --preset or --tuned-from\n");
+        xp_synth_usage(stderr);
+        return 2;
+    }
+    if (o.tuned_from) {
+        if (o.delta_rank == 0 && o.noise == 0 && o.norm_delta == 0 && o.embed_delta == 0) {
+            fprintf(stderr, "xprec synth: --tuned-from needs --delta-rank and --delta-scale (or "
+                            "--noise): the fine-tune would equal its base\n");
+            return 2;
+        }
+        if ((o.delta_rank > 0) != (o.delta_scale > 0)) {
+            fprintf(stderr, "xprec synth: --delta-rank and --delta-scale go together\n");
+            return 2;
+        }
+    } else {
+        for (size_t i = 0; i < sizeof xp_presets / sizeof xp_presets[0]; i++)
+            if (strcmp(preset, xp_presets[i].name) == 0) {
+                o.cfg = xp_presets[i].cfg;
+                have_preset = 1;
+            }
+        if (!have_preset) {
+            fprintf(stderr, "xprec synth: unknown preset \"%s\" (tiny, small, qwen3-32b)\n", preset);
+            return 2;
+        }
+        int *f[7] = {&o.cfg.hidden_size, &o.cfg.intermediate_size, &o.cfg.num_hidden_layers,
+                     &o.cfg.num_attention_heads, &o.cfg.num_key_value_heads, &o.cfg.head_dim,
+                     &o.cfg.vocab_size};
+        for (int i = 0; i < 7; i++)
+            if (dims[i] > 0) *f[i] = (int)dims[i];
+        if (tie >= 0) o.cfg.tie_word_embeddings = tie;
+    }
+    if (xp_mkdir(o.out) < 0) goto fail;
+    if (o.tuned_from) {
+        if (xp_synth_tuned(&o) < 0) goto fail;
+        return 0;
+    }
+    /* check the shape by the same rules every reader applies */
+    char *cfg = xp_qwen3_config_json(&o.cfg);
+    xp_qwen3_config check;
+    int bad = !cfg || xp_qwen3_config_parse(cfg, &check, NULL) < 0 ||
+              xp_write_text(o.out, "config.json", cfg) < 0;
+    free(cfg);
+    if (bad || xp_write_text(o.out, "generation_config.json", xp_generation_config) < 0 ||
+        xp_synth_base(&o) < 0)
+        goto fail;
+    if (o.tokenizer) {
+        static const char *const files[] = {"tokenizer.json", "tokenizer_config.json"};
+        for (int i = 0; i < 2; i++) {
+            char src[4096], dst[4096];
+            snprintf(src, sizeof src, "%s/%s", o.tokenizer, files[i]);
+            snprintf(dst, sizeof dst, "%s/%s", o.out, files[i]);
+            if (xp_copy_file(src, dst) < 0) goto fail;
+        }
+    }
+    return 0;
+fail:
+    fprintf(stderr, "xprec synth: %s\n", xp_last_error());
+    return 1;
+}
