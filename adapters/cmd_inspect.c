@@ -276,6 +276,16 @@ int xp_cmd_inspect(int argc, char **argv)
         printf("%s: %s", path, f.kind);
         if (f.scale_suffix) printf(", block %dx%d, scales in *.%s", f.block[0], f.block[1], f.scale_suffix);
         printf(", %zu tensors in %zu file(s)\n", xp_st_set_count(s), xp_st_set_nfiles(s));
+        if (info->child) {
+            printf("config:");
+            for (const cJSON *e = info->child; e; e = e->next) {
+                if (cJSON_IsBool(e))
+                    printf(" %s=%s", e->string, cJSON_IsTrue(e) ? "true" : "false");
+                else
+                    printf(" %s=%g", e->string, e->valuedouble);
+            }
+            printf("\n");
+        }
         printf("%-56s %-8s %-16s %12s", "tensor", "dtype", "shape", "bytes");
         if (stats) printf(" %11s %10s %11s %11s", "mean", "std", "min", "max");
         printf("\n");
