@@ -124,6 +124,7 @@ static int xp_quantize(const char *in, const char *out, xp_quant_config *q, size
         if (quant < 0) goto done;
         if (!quant) {
             if (xp_stw_write(w, t->name, t->data, t->nbytes) < 0) goto done;
+            xp_tensor_release(t);
             continue;
         }
         int64_t rows = t->shape[0], cols = t->shape[1];
@@ -141,6 +142,7 @@ static int xp_quantize(const char *in, const char *out, xp_quant_config *q, size
         if (xp_stw_write(w, t->name, codes, (size_t)t->nelem) < 0 ||
             xp_stw_write(w, name, sbuf, ns * xp_dtype_size(sdt)) < 0)
             goto done;
+        xp_tensor_release(t);
         xp_progress_update(&pr, i + 1, done_bytes, t->name);
     }
     xp_progress_end(&pr);
@@ -287,6 +289,7 @@ static int xp_dequantize(const char *in, const char *out, xp_dtype odt, size_t m
         if (role == XP_ROLE_SCALE) continue;
         if (role != XP_ROLE_LINEAR || t->dtype != XP_F8_E4M3) {
             if (xp_stw_write(w, t->name, t->data, t->nbytes) < 0) goto done;
+            xp_tensor_release(t);
             continue;
         }
         xp_weight wt;
@@ -296,6 +299,7 @@ static int xp_dequantize(const char *in, const char *out, xp_dtype odt, size_t m
         else
             for (uint64_t k = 0; k < t->nelem; k++) ((uint16_t *)obuf)[k] = xp_f32_to_bf16(buf[k]);
         if (xp_stw_write(w, t->name, obuf, (size_t)t->nelem * xp_dtype_size(odt)) < 0) goto done;
+        xp_tensor_release(t);
         xp_progress_update(&pr, i + 1, done_bytes, t->name);
     }
     xp_progress_end(&pr);

@@ -206,6 +206,7 @@ static int xp_synth_tuned(xp_synth_opts *o)
         if (role != XP_ROLE_LINEAR && role != XP_ROLE_NORM && role != XP_ROLE_EMBED &&
             role != XP_ROLE_LM_HEAD) {
             if (xp_stw_write(w, t->name, t->data, t->nbytes) < 0) goto done;
+            xp_tensor_release(t);
             continue;
         }
         xp_convert_to_f32(t->dtype, t->data, buf, el);
@@ -225,6 +226,7 @@ static int xp_synth_tuned(xp_synth_opts *o)
         xp_to_bf16(buf, out, el);
         if (xp_stw_write(w, t->name, out, el * 2) < 0) goto done;
         done_bytes += t->nbytes;
+        xp_tensor_release(t);
         xp_progress_update(&pr, i + 1, done_bytes, t->name);
     }
     xp_progress_end(&pr);

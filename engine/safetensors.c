@@ -51,6 +51,15 @@ static int xp_json_uint(const cJSON *v, uint64_t *out)
     return 0;
 }
 
+void xp_tensor_release(const xp_tensor *t)
+{
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t b = ((uintptr_t)t->data + page - 1) & ~(page - 1);
+    uintptr_t e = ((uintptr_t)t->data + t->nbytes) & ~(page - 1);
+    /* only whole pages inside the tensor: neighbours may still be in use */
+    if (e > b) madvise((void *)b, e - b, MADV_DONTNEED);
+}
+
 static int xp_cmp_offset(const void *a, const void *b)
 {
     const xp_tensor *x = a, *y = b;
@@ -159,8 +168,10 @@ static int xp_st_parse_header(xp_st_file *f, const char *hdr, size_t hlen)
             cJSON_ArrayForEach(kv, e)
             {
                 if (!cJSON_IsString(kv)) {
+                    /* format the message before freeing the tree that holds kv->string */
+                    xp_fail("__metadata__ value \"%.60s\" is not a string", kv->string);
                     cJSON_Delete(root);
-                    return xp_fail("__metadata__ value \"%.60s\" is not a string", kv->string);
+                    return -1;
                 }
                 f->meta[2 * f->nmeta] = strdup(kv->string);
                 f->meta[2 * f->nmeta + 1] = strdup(kv->valuestring);

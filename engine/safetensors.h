@@ -55,6 +55,10 @@ const xp_tensor *xp_st_set_find(const xp_st_set *s, const char *name);
 size_t xp_st_set_nfiles(const xp_st_set *s);
 const xp_st_file *xp_st_set_file(const xp_st_set *s, size_t i);
 
+/* Tells the kernel a streaming pass is done with t's pages, so reading a whole model tensor by
+ * tensor keeps the resident set at a few tensors. Later reads fault the pages back in. */
+void xp_tensor_release(const xp_tensor *t);
+
 /* Bytes of a tensor of this dtype and shape; -1 (and an error) on overflow or a negative dim. */
 int xp_tensor_bytes(xp_dtype t, int ndim, const int64_t *shape, uint64_t *nelem, size_t *nbytes);
 
