@@ -24,6 +24,7 @@ float xp_scale_round_up(float s, xp_dtype scale_dtype)
 int xp_block_quantize(const float *w, int64_t rows, int64_t cols, int br, int bc,
                       xp_dtype scale_dtype, uint8_t *q, float *scales)
 {
+    if (br < 1 || bc < 1) return xp_fail("block size %dx%d", br, bc);
     int64_t nbr = xp_ceil_div(rows, br), nbc = xp_ceil_div(cols, bc);
     for (int64_t bi = 0; bi < nbr; bi++) {
         int64_t r0 = bi * br, r1 = r0 + br < rows ? r0 + br : rows;

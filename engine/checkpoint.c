@@ -60,7 +60,7 @@ xp_role xp_tensor_role(const char *name, int *layer, xp_module *mod)
     char parent[16], leaf[32], suffix[32];
     if (sscanf(name, "model.layers.%d.%15[a-z_].%31[a-z_].%31[a-z_]%n", &l, parent, leaf, suffix,
                &n) == 4 &&
-        name[n] == '\0') {
+        name[n] == '\0' && l >= 0) {
         xp_module m;
         if (xp_module_parse(leaf, &m) == 0 && strcmp(parent, xp_module_parent(m)) == 0) {
             if (layer) *layer = l;
@@ -78,7 +78,7 @@ xp_role xp_tensor_role(const char *name, int *layer, xp_module *mod)
     }
     n = 0;
     if (sscanf(name, "model.layers.%d.%31[a-z_].%31[a-z_]%n", &l, leaf, suffix, &n) == 3 &&
-        name[n] == '\0' && strcmp(suffix, "weight") == 0 &&
+        name[n] == '\0' && l >= 0 && strcmp(suffix, "weight") == 0 &&
         (strcmp(leaf, "input_layernorm") == 0 || strcmp(leaf, "post_attention_layernorm") == 0))
         return XP_ROLE_NORM;
     return XP_ROLE_OTHER;

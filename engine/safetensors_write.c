@@ -63,7 +63,8 @@ int xp_stw_declare(xp_st_writer *w, const char *name, xp_dtype dtype, int ndim,
     memset(e, 0, sizeof *e);
     e->dtype = dtype;
     e->ndim = ndim;
-    memcpy(e->shape, shape, (size_t)ndim * sizeof *shape);
+    /* a 0-d tensor may come with a NULL shape, and memcpy from NULL is undefined even for 0 */
+    if (ndim > 0) memcpy(e->shape, shape, (size_t)ndim * sizeof *shape);
     if (xp_tensor_bytes(dtype, ndim, shape, NULL, &e->nbytes) < 0)
         return xp_fail_ctx("%s", name);
     if (!(e->name = strdup(name))) return xp_fail("out of memory");
