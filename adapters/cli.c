@@ -149,3 +149,9 @@ int xp_write_text(const char *dir, const char *name, const char *text)
     if (!ok) return xp_fail("%s: write failed", path);
     return 0;
 }
+
+int xp_cpu_count(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > 256 ? 256 : (int)n;
+}

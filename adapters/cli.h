@@ -28,6 +28,9 @@ void xp_progress_end(xp_progress *p);
 
 double xp_now(void);
 
+/* Online processors, the default thread count. */
+int xp_cpu_count(void);
+
 /* mkdir -p for one directory level; ok if it exists. */
 int xp_mkdir(const char *dir);
 /* Copies a small file (config, tokenizer); returns -1 with xp_last_error() set. */

@@ -1,0 +1,160 @@
+/* xprec score: logits of every position of one sequence as a float32 .npy [positions, vocab],
+ * the hook for parity checks against other implementations. */
+#include "cli.h"
+#include "commands.h"
+#include "forward.h"
+#include "npy.h"
+#include "tokenizer.h"
+#include "xp_error.h"
+
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define XP_SCORE_CHUNK 128
+
+static int xp_parse_ids(const char *s, int32_t **ids, size_t *n)
+{
+    size_t cap = 16;
+    *ids = malloc(cap * sizeof **ids);
+    *n = 0;
+    const char *p = s;
+    while (*ids && *p) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 0 || v > 0x7fffffff || (*end && *end != ',')) {
+            free(*ids);
+            *ids = NULL;
+            return xp_fail("--tokens needs comma-separated ids, got \"%s\"", s);
+        }
+        if (*n == cap) {
+            int32_t *m = realloc(*ids, (cap *= 2) * sizeof **ids);
+            if (!m) break;
+            *ids = m;
+        }
+        (*ids)[(*n)++] = (int32_t)v;
+        p = *end ? end + 1 : end;
+    }
+    if (!*ids) return xp_fail("out of memory");
+    if (*n == 0) return xp_fail("--tokens is empty");
+    return 0;
+}
+
+static int xp_score(const char *model_dir, const char *adapter, const int32_t *ids, size_t n,
+                    const char *out, int threads)
+{
+    xp_model *m = NULL;
+    xp_lora_weights lw = {0};
+    xp_kv_cache kv = {0};
+    xp_runtime *rt = NULL;
+    float *logits = NULL;
+    FILE *fp = NULL;
+    int32_t *table = NULL, *pos = NULL, *rows = NULL;
+    const int32_t **tables = NULL;
+    int rc = -1;
+    if (xp_model_load(model_dir, &m) < 0) goto done;
+    if ((int64_t)n > m->cfg.max_position_embeddings) {
+        xp_fail("%zu tokens exceed the context of %d", n, m->cfg.max_position_embeddings);
+        goto done;
+    }
+    if (adapter && xp_lora_load(adapter, &m->cfg, &lw) < 0) goto done;
+    int kvd = m->cfg.num_key_value_heads * m->cfg.head_dim, nb = xp_kv_blocks_for((int64_t)n);
+    if (xp_kv_init(&kv, m->cfg.num_hidden_layers, kvd,
+                   (size_t)nb * xp_kv_bytes_per_block(m->cfg.num_hidden_layers, kvd)) < 0)
+        goto done;
+    int chunk = n < XP_SCORE_CHUNK ? (int)n : XP_SCORE_CHUNK;
+    if (!(rt = xp_runtime_create(m, &kv, threads, chunk, (int)n))) goto done;
+    table = malloc((size_t)nb * sizeof *table);
+    pos = malloc((size_t)chunk * sizeof *pos);
+    rows = malloc((size_t)chunk * sizeof *rows);
+    tables = malloc((size_t)chunk * sizeof *tables);
+    logits = malloc((size_t)chunk * (size_t)m->cfg.vocab_size * sizeof *logits);
+    if (!table || !pos || !rows || !tables || !logits || xp_kv_alloc(&kv, nb, table) < 0) {
+        xp_fail("out of memory");
+        goto done;
+    }
+    if (!(fp = xp_npy_create(out, (int64_t)n, m->cfg.vocab_size))) goto done;
+    for (size_t start = 0; start < n; start += (size_t)chunk) {
+        int c = (int)(n - start < (size_t)chunk ? n - start : (size_t)chunk);
+        for (int i = 0; i < c; i++) {
+            pos[i] = (int32_t)(start + (size_t)i);
+            rows[i] = i;
+            tables[i] = table;
+        }
+        xp_row_group g = {0, c, adapter ? &lw : NULL};
+        xp_batch b = {c, ids + start, pos, tables, 1, &g, c, rows, logits};
+        if (xp_forward(rt, &b) < 0 ||
+            xp_npy_append(fp, logits, (size_t)c * (size_t)m->cfg.vocab_size) < 0)
+            goto done;
+    }
+    rc = 0;
+done:
+    if (fp && fclose(fp) != 0 && rc == 0) rc = xp_fail("%s: write failed", out);
+    free(table);
+    free(pos);
+    free(rows);
+    free(tables);
+    free(logits);
+    xp_runtime_destroy(rt);
+    xp_kv_free(&kv);
+    xp_lora_free(&lw);
+    xp_model_free(m);
+    return rc;
+}
+
+static void xp_score_usage(FILE *fp)
+{
+    fprintf(fp, "usage: xprec score --model DIR [--adapter DIR] (--text TEXT | --tokens 1,2,3)\n"
+                "                   --out FILE.npy [--threads N]\n\n"
+                "Writes the logits of every position as a float32 .npy [positions, vocab].\n");
+}
+
+int xp_cmd_score(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},   {"adapter", required_argument, 0, 'a'},
+        {"text", required_argument, 0, 't'},    {"tokens", required_argument, 0, 'k'},
+        {"out", required_argument, 0, 'o'},     {"threads", required_argument, 0, 'j'},
+        {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
+    const char *model = NULL, *adapter = NULL, *text = NULL, *tokens = NULL, *out = NULL;
+    long threads = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 'a': adapter = optarg; break;
+        case 't': text = optarg; break;
+        case 'k': tokens = optarg; break;
+        case 'o': out = optarg; break;
+        case 'j':
+            if (xp_arg_long("score", "--threads", optarg, 1, 1024, &threads) < 0) return 2;
+            break;
+        case 'h': xp_score_usage(stdout); return 0;
+        default: xp_score_usage(stderr); return 2;
+        }
+    }
+    if (optind < argc || !model || !out || !text == !tokens) {
+        xp_score_usage(stderr);
+        return 2;
+    }
+    int32_t *ids = NULL;
+    size_t n = 0;
+    int rc;
+    if (tokens) {
+        rc = xp_parse_ids(tokens, &ids, &n);
+    } else {
+        xp_tokenizer *tk = xp_tokenizer_load(model);
+        rc = tk ? xp_tokenizer_encode(tk, text, strlen(text), 1, &ids, &n) : -1;
+        xp_tokenizer_free(tk);
+        if (rc == 0 && n == 0) rc = xp_fail("--text encodes to no tokens");
+    }
+    if (rc == 0) rc = xp_score(model, adapter, ids, n, out, threads ? (int)threads : xp_cpu_count());
+    free(ids);
+    if (rc < 0) {
+        fprintf(stderr, "xprec score: %s\n", xp_last_error());
+        return 1;
+    }
+    return 0;
+}

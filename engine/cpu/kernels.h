@@ -1,0 +1,34 @@
+/* CPU kernels. Each has a plain scalar reference; the AVX2/FMA/F16C versions are chosen at run
+ * time when the processor has them, and tests/unit/test_cpu_kernels.c compares the two. */
+#ifndef XP_CPU_KERNELS_H
+#define XP_CPU_KERNELS_H
+
+#include "model.h"
+#include "pool.h"
+
+#include <stddef.h>
+
+/* 1 when the AVX2 kernels are in use (processor support, and XPREC_NO_AVX2 unset). */
+int xp_cpu_have_avx2(void);
+/* Forces the scalar kernels (tests) or restores automatic choice. */
+void xp_cpu_force_scalar(int on);
+
+/* Row r of W as F32, cols values. */
+void xp_decode_row(const xp_linear *l, int64_t r, float *dst);
+void xp_decode_row_ref(const xp_linear *l, int64_t r, float *dst);
+
+float xp_dot(const float *a, const float *b, int64_t n);
+float xp_dot_ref(const float *a, const float *b, int64_t n);
+
+/* Scratch one thread of xp_linear_forward needs, in floats, for weights up to max_cols wide. */
+size_t xp_linear_scratch_floats(int64_t max_cols);
+
+/* y[n, rows] = x[n, cols] W^T, split over the pool by output rows. scratch[t] is thread t's
+ * buffer of xp_linear_scratch_floats(cols) floats. FP8 and BF16 weights are decoded in
+ * registers or in a cache-sized tile, never materialized whole. */
+void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const float *x, int n,
+                       float *y);
+/* The same, one row at a time through the scalar references. */
+void xp_linear_forward_ref(const xp_linear *l, const float *x, int n, float *y);
+
+#endif

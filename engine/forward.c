@@ -1,0 +1,253 @@
+/* The Qwen3 forward pass on the CPU, the reference every other backend is checked against:
+ *   x = embed[token]
+ *   per layer: h = rmsnorm(x); q,k,v = h W^T (+ LoRA); per-head rmsnorm of q and k; RoPE;
+ *              store k,v; attention (GQA, causal); x += o_proj(att)
+ *              h = rmsnorm(x); x += down(silu(gate(h)) * up(h))
+ *   logits = rmsnorm(x) lm_head^T, for the rows asked for. */
+#include "forward.h"
+#include "cpu/kernels.h"
+#include "xp_error.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct xp_runtime {
+    const xp_model *m;
+    xp_kv_cache *kv;
+    xp_pool *pool;
+    int threads, max_rows, max_ctx;
+    float **scratch; /* per thread, for the linear kernels */
+    float **att_scratch; /* per thread, attention scores */
+    float *x, *h, *q, *k, *v, *att, *gate, *up, *lora_tmp, *out;
+};
+
+xp_pool *xp_runtime_pool(xp_runtime *rt)
+{
+    return rt->pool;
+}
+
+static float *xp_falloc(size_t n)
+{
+    return malloc((n ? n : 1) * sizeof(float));
+}
+
+xp_runtime *xp_runtime_create(const xp_model *m, xp_kv_cache *kv, int threads, int max_rows,
+                              int max_ctx)
+{
+    const xp_qwen3_config *g = &m->cfg;
+    xp_runtime *rt = calloc(1, sizeof *rt);
+    if (!rt) goto oom;
+    rt->m = m;
+    rt->kv = kv;
+    rt->max_rows = max_rows;
+    rt->max_ctx = max_ctx;
+    if (!(rt->pool = xp_pool_create(threads))) goto oom;
+    rt->threads = xp_pool_threads(rt->pool);
+    int64_t maxc = g->hidden_size;
+    if (g->intermediate_size > maxc) maxc = g->intermediate_size;
+    if ((int64_t)g->num_attention_heads * g->head_dim > maxc)
+        maxc = (int64_t)g->num_attention_heads * g->head_dim;
+    rt->scratch = calloc((size_t)rt->threads, sizeof *rt->scratch);
+    rt->att_scratch = calloc((size_t)rt->threads, sizeof *rt->att_scratch);
+    if (!rt->scratch || !rt->att_scratch) goto oom;
+    for (int t = 0; t < rt->threads; t++) {
+        rt->scratch[t] = xp_falloc(xp_linear_scratch_floats(maxc));
+        rt->att_scratch[t] = xp_falloc((size_t)max_ctx);
+        if (!rt->scratch[t] || !rt->att_scratch[t]) goto oom;
+    }
+    size_t n = (size_t)max_rows, qd = (size_t)g->num_attention_heads * (size_t)g->head_dim,
+           kvd = (size_t)g->num_key_value_heads * (size_t)g->head_dim;
+    rt->x = xp_falloc(n * (size_t)g->hidden_size);
+    rt->h = xp_falloc(n * (size_t)g->hidden_size);
+    rt->q = xp_falloc(n * qd);
+    rt->k = xp_falloc(n * kvd);
+    rt->v = xp_falloc(n * kvd);
+    rt->att = xp_falloc(n * qd);
+    rt->gate = xp_falloc(n * (size_t)g->intermediate_size);
+    rt->up = xp_falloc(n * (size_t)g->intermediate_size);
+    rt->lora_tmp = xp_falloc(n * XP_MAX_LORA_RANK);
+    rt->out = xp_falloc(n * (size_t)(g->hidden_size > g->intermediate_size ? g->hidden_size
+                                                                           : g->intermediate_size));
+    if (!rt->x || !rt->h || !rt->q || !rt->k || !rt->v || !rt->att || !rt->gate || !rt->up ||
+        !rt->lora_tmp || !rt->out)
+        goto oom;
+    return rt;
+oom:
+    xp_fail("out of memory for the engine's working buffers");
+    xp_runtime_destroy(rt);
+    return NULL;
+}
+
+void xp_runtime_destroy(xp_runtime *rt)
+{
+    if (!rt) return;
+    for (int t = 0; t < rt->threads; t++) {
+        if (rt->scratch) free(rt->scratch[t]);
+        if (rt->att_scratch) free(rt->att_scratch[t]);
+    }
+    free(rt->scratch);
+    free(rt->att_scratch);
+    free(rt->x);
+    free(rt->h);
+    free(rt->q);
+    free(rt->k);
+    free(rt->v);
+    free(rt->att);
+    free(rt->gate);
+    free(rt->up);
+    free(rt->lora_tmp);
+    free(rt->out);
+    xp_pool_destroy(rt->pool);
+    free(rt);
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w, accumulated in double like a careful F32 reference. */
+static void xp_rmsnorm(const float *x, const float *w, int dim, float eps, float *y)
+{
+    double ss = 0;
+    for (int i = 0; i < dim; i++) ss += (double)x[i] * x[i];
+    float r = (float)(1.0 / sqrt(ss / dim + eps));
+    for (int i = 0; i < dim; i++) y[i] = x[i] * r * w[i];
+}
+
+/* Rotate-half RoPE on one head: pairs (i, i + d/2) turn by pos * inv_freq[i]. */
+static void xp_rope(float *v, int d, int pos, const float *inv_freq)
+{
+    int half = d / 2;
+    for (int i = 0; i < half; i++) {
+        float a = (float)pos * inv_freq[i], c = cosf(a), s = sinf(a);
+        float x1 = v[i], x2 = v[i + half];
+        v[i] = x1 * c - x2 * s;
+        v[i + half] = x2 * c + x1 * s;
+    }
+}
+
+/* out[n, out_dim] = h W^T, plus each adapter's scale * (h A^T) B^T on its rows. */
+static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_module mod,
+                           const float *h, float *out)
+{
+    const xp_linear *l = &rt->m->layers[layer].lin[mod];
+    xp_linear_forward(rt->pool, rt->scratch, l, h, b->n, out);
+    int in = (int)l->cols, od = (int)l->rows;
+    for (int gi = 0; gi < b->n_groups; gi++) {
+        const xp_row_group *g = &b->groups[gi];
+        const xp_lora_mat *lm = g->lora ? xp_lora_get(g->lora, layer, mod) : NULL;
+        if (!lm || g->nrows == 0) continue;
+        /* shrink: t[rows, r] = h A^T; expand: out += scale * t B^T */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, g->nrows, lm->rank, in, 1.0f,
+                    h + (size_t)g->row0 * in, in, lm->A, in, 0.0f, rt->lora_tmp, lm->rank);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, g->nrows, od, lm->rank, lm->scale,
+                    rt->lora_tmp, lm->rank, lm->B, lm->rank, 1.0f, out + (size_t)g->row0 * od, od);
+    }
+}
+
+typedef struct {
+    xp_runtime *rt;
+    const xp_batch *b;
+    int layer;
+} xp_att_job;
+
+/* One (row, head): softmax(q k^T / sqrt(d)) v over the row's positions 0..pos. */
+static void xp_attention_task(void *ctx, int task, int thread)
+{
+    const xp_att_job *j = ctx;
+    xp_runtime *rt = j->rt;
+    const xp_qwen3_config *g = &rt->m->cfg;
+    int H = g->num_attention_heads, d = g->head_dim, group = H / g->num_key_value_heads;
+    int row = task / H, head = task % H, kvh = head / group, pos = j->b->pos[row];
+    const float *q = rt->q + ((size_t)row * H + head) * d;
+    const int32_t *table = j->b->tables[row];
+    float *sc = rt->att_scratch[thread], mx = -INFINITY, scale = 1.0f / sqrtf((float)d);
+    for (int p = 0; p <= pos; p++) {
+        sc[p] = xp_dot(q, xp_kv_k(rt->kv, table, j->layer, p) + kvh * d, d) * scale;
+        if (sc[p] > mx) mx = sc[p];
+    }
+    double sum = 0;
+    for (int p = 0; p <= pos; p++) {
+        sc[p] = expf(sc[p] - mx);
+        sum += sc[p];
+    }
+    float *o = rt->att + ((size_t)row * H + head) * d, inv = (float)(1.0 / sum);
+    memset(o, 0, (size_t)d * sizeof *o);
+    for (int p = 0; p <= pos; p++) {
+        const float *v = xp_kv_v(rt->kv, table, j->layer, p) + kvh * d;
+        float w = sc[p] * inv;
+        for (int i = 0; i < d; i++) o[i] += w * v[i];
+    }
+}
+
+static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
+{
+    const xp_qwen3_config *g = &rt->m->cfg;
+    const xp_layer *L = &rt->m->layers[layer];
+    int n = b->n, H = g->num_attention_heads, KV = g->num_key_value_heads, d = g->head_dim;
+    int hid = g->hidden_size;
+    float eps = (float)g->rms_norm_eps;
+    for (int i = 0; i < n; i++) xp_rmsnorm(rt->x + (size_t)i * hid, L->attn_norm, hid, eps, rt->h + (size_t)i * hid);
+    xp_linear_lora(rt, b, layer, XP_MOD_Q, rt->h, rt->q);
+    xp_linear_lora(rt, b, layer, XP_MOD_K, rt->h, rt->k);
+    xp_linear_lora(rt, b, layer, XP_MOD_V, rt->h, rt->v);
+    for (int i = 0; i < n; i++) {
+        for (int hh = 0; hh < H; hh++) {
+            float *q = rt->q + ((size_t)i * H + hh) * d;
+            xp_rmsnorm(q, L->q_norm, d, eps, q);
+            xp_rope(q, d, b->pos[i], rt->m->inv_freq);
+        }
+        for (int hh = 0; hh < KV; hh++) {
+            float *k = rt->k + ((size_t)i * KV + hh) * d;
+            xp_rmsnorm(k, L->k_norm, d, eps, k);
+            xp_rope(k, d, b->pos[i], rt->m->inv_freq);
+        }
+        memcpy(xp_kv_k(rt->kv, b->tables[i], layer, b->pos[i]), rt->k + (size_t)i * KV * d,
+               (size_t)KV * d * sizeof(float));
+        memcpy(xp_kv_v(rt->kv, b->tables[i], layer, b->pos[i]), rt->v + (size_t)i * KV * d,
+               (size_t)KV * d * sizeof(float));
+    }
+    xp_att_job j = {rt, b, layer};
+    xp_pool_run(rt->pool, n * H, xp_attention_task, &j);
+    xp_linear_lora(rt, b, layer, XP_MOD_O, rt->att, rt->out);
+    for (size_t i = 0; i < (size_t)n * hid; i++) rt->x[i] += rt->out[i];
+}
+
+static void xp_mlp_block(xp_runtime *rt, const xp_batch *b, int layer)
+{
+    const xp_qwen3_config *g = &rt->m->cfg;
+    int n = b->n, hid = g->hidden_size, inter = g->intermediate_size;
+    for (int i = 0; i < n; i++)
+        xp_rmsnorm(rt->x + (size_t)i * hid, rt->m->layers[layer].mlp_norm, hid,
+                   (float)g->rms_norm_eps, rt->h + (size_t)i * hid);
+    xp_linear_lora(rt, b, layer, XP_MOD_GATE, rt->h, rt->gate);
+    xp_linear_lora(rt, b, layer, XP_MOD_UP, rt->h, rt->up);
+    for (size_t i = 0; i < (size_t)n * inter; i++) {
+        float a = rt->gate[i];
+        rt->gate[i] = a / (1.0f + expf(-a)) * rt->up[i]; /* SiLU(gate) * up */
+    }
+    xp_linear_lora(rt, b, layer, XP_MOD_DOWN, rt->gate, rt->out);
+    for (size_t i = 0; i < (size_t)n * hid; i++) rt->x[i] += rt->out[i];
+}
+
+int xp_forward(xp_runtime *rt, const xp_batch *b)
+{
+    const xp_qwen3_config *g = &rt->m->cfg;
+    int hid = g->hidden_size;
+    if (b->n < 1 || b->n > rt->max_rows)
+        return xp_fail("batch of %d rows (1..%d supported)", b->n, rt->max_rows);
+    for (int i = 0; i < b->n; i++) {
+        if (b->tokens[i] < 0 || b->tokens[i] >= g->vocab_size)
+            return xp_fail("token id %d is outside the vocabulary (%d)", b->tokens[i], g->vocab_size);
+        if (b->pos[i] < 0 || b->pos[i] >= rt->max_ctx)
+            return xp_fail("position %d is outside the context (%d)", b->pos[i], rt->max_ctx);
+        xp_linear_row(&rt->m->embed, b->tokens[i], rt->x + (size_t)i * hid);
+    }
+    for (int l = 0; l < g->num_hidden_layers; l++) {
+        xp_attention_block(rt, b, l);
+        xp_mlp_block(rt, b, l);
+    }
+    for (int i = 0; i < b->n_out; i++)
+        xp_rmsnorm(rt->x + (size_t)b->out_rows[i] * hid, rt->m->final_norm, hid,
+                   (float)g->rms_norm_eps, rt->h + (size_t)i * hid);
+    xp_linear_forward(rt->pool, rt->scratch, &rt->m->lm_head, rt->h, b->n_out, b->logits);
+    return 0;
+}

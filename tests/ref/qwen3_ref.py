@@ -1,0 +1,101 @@
+"""An independent Qwen3 forward pass in NumPy (float64), reading the same checkpoint files through
+tests/ref/st_numpy.py, following Hugging Face's modeling_qwen3 as documented: RMSNorm, per-head
+q_norm/k_norm before rotate-half RoPE, GQA, SwiGLU, tied or untied lm_head. FP8 weights are
+dequantized block by block; a PEFT adapter is merged as W + scale * B A. For parity tests only:
+it recomputes everything per call and holds the model in float64."""
+import json
+import math
+import os
+
+import numpy as np
+
+import st_numpy as st
+
+
+class Model:
+    def __init__(self, model_dir, adapter_dir=None):
+        self.cfg = json.load(open(os.path.join(model_dir, "config.json")))
+        qc = self.cfg.get("quantization_config") or {}
+        if qc.get("quant_method") == "fp8":
+            self.block, self.suffix = qc["weight_block_size"], "weight_scale_inv"
+        elif qc.get("quant_method") == "compressed-tensors":
+            g = next(iter(qc["config_groups"].values()))
+            self.block, self.suffix = g["weights"]["block_structure"], "weight_scale"
+        else:
+            self.block, self.suffix = None, None
+        self.t = st.read_dir(model_dir)
+        self.lora = self._read_adapter(adapter_dir) if adapter_dir else {}
+
+    def _read_adapter(self, d):
+        c = json.load(open(os.path.join(d, "adapter_config.json")))
+        ts = st.read_dir(d, "adapter_model")
+        out = {}
+        for name, t in ts.items():
+            if not name.endswith(".lora_A.weight"):
+                continue
+            mod = name[len("base_model.model."):-len(".lora_A.weight")]
+            a = t.array().astype(np.float64)
+            b = ts[name.replace("lora_A", "lora_B")].array().astype(np.float64)
+            r = a.shape[0]
+            alpha = c["lora_alpha"]
+            for k, v in (c.get("alpha_pattern") or {}).items():
+                if mod == k or mod.endswith("." + k):
+                    alpha = v
+            scale = alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
+            out[mod] = scale * (b @ a)
+        return out
+
+    def weight(self, name):
+        t = self.t[name]
+        w = t.array().astype(np.float64)
+        if t.dtype == "F8_E4M3":
+            s = self.t[name[:-len("weight")] + self.suffix].array().astype(np.float64)
+            br, bc = self.block
+            w = w * np.repeat(np.repeat(s, br, 0), bc, 1)[: w.shape[0], : w.shape[1]]
+        mod = name[:-len(".weight")]
+        if mod in self.lora:
+            w = w + self.lora[mod]
+        return w
+
+    def logits(self, tokens):
+        c = self.cfg
+        H, KV, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+        eps = c["rms_norm_eps"]
+        n = len(tokens)
+
+        def rms(x, w):
+            return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+        inv = 1.0 / (c["rope_theta"] ** (np.arange(0, d, 2) / d))
+        ang = np.arange(n)[:, None] * inv[None, :]
+        cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+        def rope(x):  # x [n, heads, d]
+            half = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], -1)
+            return x * cos[:, None, :] + half * sin[:, None, :]
+
+        x = self.t["model.embed_tokens.weight"].array().astype(np.float64)[tokens]
+        mask = np.triu(np.full((n, n), -np.inf), 1)
+        for l in range(c["num_hidden_layers"]):
+            p = f"model.layers.{l}."
+            g = lambda s: self.t[p + s].array().astype(np.float64)
+            h = rms(x, g("input_layernorm.weight"))
+            q = (h @ self.weight(p + "self_attn.q_proj.weight").T).reshape(n, H, d)
+            k = (h @ self.weight(p + "self_attn.k_proj.weight").T).reshape(n, KV, d)
+            v = (h @ self.weight(p + "self_attn.v_proj.weight").T).reshape(n, KV, d)
+            q = rope(rms(q, g("self_attn.q_norm.weight")))
+            k = rope(rms(k, g("self_attn.k_norm.weight")))
+            rep = H // KV
+            k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+            s = np.einsum("ihd,jhd->hij", q, k) / math.sqrt(d) + mask
+            s = np.exp(s - s.max(-1, keepdims=True))
+            s /= s.sum(-1, keepdims=True)
+            att = np.einsum("hij,jhd->ihd", s, v).reshape(n, H * d)
+            x = x + att @ self.weight(p + "self_attn.o_proj.weight").T
+            h = rms(x, g("post_attention_layernorm.weight"))
+            gate = h @ self.weight(p + "mlp.gate_proj.weight").T
+            up = h @ self.weight(p + "mlp.up_proj.weight").T
+            x = x + (gate / (1 + np.exp(-gate)) * up) @ self.weight(p + "mlp.down_proj.weight").T
+        x = rms(x, self.t["model.norm.weight"].array().astype(np.float64))
+        head = "model.embed_tokens.weight" if c["tie_word_embeddings"] else "lm_head.weight"
+        return x @ self.t[head].array().astype(np.float64).T
