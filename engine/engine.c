@@ -252,16 +252,18 @@ static int xp_accept_token(xp_engine *e, xp_seq *s, int32_t tok)
         piece = xp_detok_flush(&s->detok, &len);
         if (xp_text_append(s, piece, len) < 0) goto oom;
     }
-    /* a stop string may start anywhere in the text not yet sent */
+    /* a stop string may start anywhere in the text not yet sent: the text ends before it */
     for (size_t i = 0; i < s->n_stop; i++) {
         char *hit = memmem(s->text + s->sent, s->text_len - s->sent, s->stop[i], strlen(s->stop[i]));
         if (hit) {
-            xp_finish_seq(e, s, XP_FINISH_STOP, (size_t)(hit - s->text));
+            xp_emit_text(s, tok, (size_t)(hit - s->text));
+            xp_finish_seq(e, s, XP_FINISH_STOP, s->sent);
             return 1;
         }
     }
     if (last) {
-        xp_finish_seq(e, s, XP_FINISH_LENGTH, s->text_len);
+        xp_emit_text(s, tok, s->text_len);
+        xp_finish_seq(e, s, XP_FINISH_LENGTH, s->sent);
         return 1;
     }
     /* hold back what could still turn out to be the start of a stop string */
@@ -444,6 +446,16 @@ static void xp_step(xp_engine *e)
     xp_compact(e);
 }
 
+/* Counters readers may poll; under mu. */
+static void xp_publish_locked(xp_engine *e)
+{
+    e->st.running = e->n_running;
+    int w = 0;
+    for (xp_seq *s = e->waiting; s; s = s->next) w++;
+    e->st.waiting = w;
+    e->st.kv_blocks_free = e->kv.n_free;
+}
+
 static void *xp_engine_main(void *arg)
 {
     xp_engine *e = arg;
@@ -463,13 +475,12 @@ static void *xp_engine_main(void *arg)
         xp_apply_cancels(e, cancels, nc);
         free(cancels);
         xp_admit(e);
+        pthread_mutex_lock(&e->mu);
+        xp_publish_locked(e);
+        pthread_mutex_unlock(&e->mu);
         xp_step(e);
         pthread_mutex_lock(&e->mu);
-        e->st.running = e->n_running;
-        int w = 0;
-        for (xp_seq *s = e->waiting; s; s = s->next) w++;
-        e->st.waiting = w;
-        e->st.kv_blocks_free = e->kv.n_free;
+        xp_publish_locked(e);
         pthread_mutex_unlock(&e->mu);
     }
     return NULL;

@@ -8,7 +8,6 @@
 #include "cpu/kernels.h"
 #include "xp_error.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -135,11 +134,14 @@ static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_modu
         const xp_row_group *g = &b->groups[gi];
         const xp_lora_mat *lm = g->lora ? xp_lora_get(g->lora, layer, mod) : NULL;
         if (!lm || g->nrows == 0) continue;
-        /* shrink: t[rows, r] = h A^T; expand: out += scale * t B^T */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, g->nrows, lm->rank, in, 1.0f,
-                    h + (size_t)g->row0 * in, in, lm->A, in, 0.0f, rt->lora_tmp, lm->rank);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, g->nrows, od, lm->rank, lm->scale,
-                    rt->lora_tmp, lm->rank, lm->B, lm->rank, 1.0f, out + (size_t)g->row0 * od, od);
+        /* shrink: t = A h; expand: out += scale * B t — row by row with the same dot products
+         * whatever the group holds, so results stay batch-invariant */
+        for (int i = g->row0; i < g->row0 + g->nrows; i++) {
+            const float *hi = h + (size_t)i * in;
+            float *t = rt->lora_tmp, *oi = out + (size_t)i * od;
+            for (int k = 0; k < lm->rank; k++) t[k] = xp_dot(lm->A + (size_t)k * in, hi, in);
+            for (int o = 0; o < od; o++) oi[o] += lm->scale * xp_dot(lm->B + (size_t)o * lm->rank, t, lm->rank);
+        }
     }
 }
 

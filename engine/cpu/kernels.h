@@ -24,8 +24,9 @@ float xp_dot_ref(const float *a, const float *b, int64_t n);
 size_t xp_linear_scratch_floats(int64_t max_cols);
 
 /* y[n, rows] = x[n, cols] W^T, split over the pool by output rows. scratch[t] is thread t's
- * buffer of xp_linear_scratch_floats(cols) floats. FP8 and BF16 weights are decoded in
- * registers or in a cache-sized tile, never materialized whole. */
+ * buffer of xp_linear_scratch_floats(cols) floats. FP8 and BF16 weights are decoded a
+ * cache-sized tile at a time, never materialized whole. Each y element is one xp_dot, so results
+ * do not depend on n or on the other rows. */
 void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const float *x, int n,
                        float *y);
 /* The same, one row at a time through the scalar references. */

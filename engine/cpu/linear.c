@@ -1,18 +1,18 @@
 /* Weight-streaming matrix products: y = x W^T with W in FP8 blocks, BF16, F16 or F32.
  *
- * Few rows (decode): each weight row is decoded once and dotted with every input row while it is
- * in L1, so the weights stream from memory once per step. Many rows (prefill): a tile of weight
- * rows is decoded into a cache-sized F32 buffer and multiplied with OpenBLAS's sgemm. */
+ * A tile of weight rows is decoded into a cache-sized F32 buffer (the weights stream from memory
+ * once per call, whatever the number of input rows) and dotted with the input rows, four at a
+ * time. Every output element is one dot product computed in the same order whatever the batch
+ * holds, so a request gets bit-identical logits alone and in any batch (batch invariance). */
 #include "kernels.h"
 #include "fp8.h"
 
-#include <cblas.h>
 #include <immintrin.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define XP_TILE_FLOATS (32 * 1024) /* 128 KB of decoded weights per tile */
-#define XP_GEMM_MIN_ROWS 4
+#define XP_XBLOCK 16 /* input rows kept hot while a tile is applied */
 
 static int xp_avx2_state = -1; /* -1 unknown, 0 scalar, 1 avx2 */
 static int xp_forced_scalar;
@@ -107,6 +107,36 @@ __attribute__((target("avx2,fma,f16c"))) static float xp_dot_avx2(const float *a
     return s;
 }
 
+/* Four dot products against one weight row, each in exactly xp_dot_avx2's order. */
+__attribute__((target("avx2,fma,f16c"))) static void xp_dot4_avx2(const float *x, int64_t ldx,
+                                                                   const float *w, int64_t n,
+                                                                   float *out)
+{
+    __m256 a0[4], a1[4];
+    for (int k = 0; k < 4; k++) a0[k] = a1[k] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
+        for (int k = 0; k < 4; k++) {
+            a0[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
+            a1[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i + 8), w1, a1[k]);
+        }
+    }
+    for (; i + 8 <= n; i += 8) {
+        __m256 w0 = _mm256_loadu_ps(w + i);
+        for (int k = 0; k < 4; k++) a0[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
+    }
+    for (int k = 0; k < 4; k++) {
+        __m256 s0 = _mm256_add_ps(a0[k], a1[k]);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+        h = _mm_hadd_ps(h, h);
+        h = _mm_hadd_ps(h, h);
+        float s = _mm_cvtss_f32(h);
+        for (int64_t j = i; j < n; j++) s += x[k * ldx + j] * w[j];
+        out[k] = s;
+    }
+}
+
 /* ---------------------------------------------------------------- dispatch */
 
 void xp_decode_row(const xp_linear *l, int64_t r, float *dst)
@@ -140,41 +170,49 @@ typedef struct {
     int64_t tile; /* weight rows per task */
 } xp_linear_job;
 
+/* y[i, r] for rows i of x and weight rows r in [r0, r1), w the decoded rows. */
+static void xp_apply_tile(const xp_linear_job *j, const float *w, int64_t r0, int64_t r1)
+{
+    int64_t cols = j->l->cols, ld = j->l->rows;
+    int avx2 = xp_cpu_have_avx2();
+    for (int i0 = 0; i0 < j->n; i0 += XP_XBLOCK) {
+        int i1 = i0 + XP_XBLOCK < j->n ? i0 + XP_XBLOCK : j->n;
+        for (int64_t r = r0; r < r1; r++) {
+            const float *wr = w + (r - r0) * cols;
+            int i = i0;
+            float o[4];
+            for (; avx2 && i + 4 <= i1; i += 4) {
+                xp_dot4_avx2(j->x + (size_t)i * cols, cols, wr, cols, o);
+                for (int k = 0; k < 4; k++) j->y[(size_t)(i + k) * ld + r] = o[k];
+            }
+            for (; i < i1; i++) j->y[(size_t)i * ld + r] = xp_dot(j->x + (size_t)i * cols, wr, cols);
+        }
+    }
+}
+
 static void xp_linear_task(void *ctx, int task, int thread)
 {
     const xp_linear_job *j = ctx;
     const xp_linear *l = j->l;
     int64_t r0 = (int64_t)task * j->tile, r1 = r0 + j->tile < l->rows ? r0 + j->tile : l->rows;
-    float *buf = j->scratch[thread];
-    if (j->n < XP_GEMM_MIN_ROWS) {
-        for (int64_t r = r0; r < r1; r++) {
-            const float *row = buf;
-            if (l->dtype == XP_F32)
-                row = (const float *)l->w + r * l->cols;
-            else
-                xp_decode_row(l, r, buf);
-            for (int i = 0; i < j->n; i++) j->y[i * l->rows + r] = xp_dot(j->x + i * l->cols, row, l->cols);
-        }
+    if (l->dtype == XP_F32) {
+        xp_apply_tile(j, (const float *)l->w + r0 * l->cols, r0, r1);
         return;
     }
-    const float *wt = buf;
-    if (l->dtype == XP_F32)
-        wt = (const float *)l->w + r0 * l->cols;
-    else
-        for (int64_t r = r0; r < r1; r++) xp_decode_row(l, r, buf + (r - r0) * l->cols);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->n, (int)(r1 - r0), (int)l->cols, 1.0f,
-                j->x, (int)l->cols, wt, (int)l->cols, 0.0f, j->y + r0, (int)l->rows);
+    float *buf = j->scratch[thread];
+    for (int64_t r = r0; r < r1; r++) xp_decode_row(l, r, buf + (r - r0) * l->cols);
+    xp_apply_tile(j, buf, r0, r1);
 }
 
 void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const float *x, int n,
                        float *y)
 {
     int threads = xp_pool_threads(pool);
-    int64_t tile = n < XP_GEMM_MIN_ROWS ? 16 : XP_TILE_FLOATS / l->cols;
+    int64_t tile = XP_TILE_FLOATS / l->cols;
     if (tile < 1) tile = 1;
-    /* enough tasks to balance the threads, but tiles no smaller than needed */
-    int64_t per_thread = (l->rows + threads - 1) / threads;
-    if (n < XP_GEMM_MIN_ROWS && tile > per_thread) tile = per_thread;
+    /* at least a few tasks per thread so the threads finish together */
+    int64_t per = (l->rows + 4 * threads - 1) / (4 * threads);
+    if (tile > per) tile = per < 1 ? 1 : per;
     xp_linear_job j = {l, x, y, scratch, n, tile};
     xp_pool_run(pool, (int)((l->rows + tile - 1) / tile), xp_linear_task, &j);
 }
