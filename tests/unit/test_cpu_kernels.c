@@ -1,0 +1,174 @@
+/* Each CPU kernel against its scalar reference, on ragged shapes, and the batch invariance the
+ * engine relies on: a row's output does not depend on the other rows. */
+#include "testutil.h"
+
+#include "cpu/kernels.h"
+#include "fp8.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+typedef struct {
+    xp_linear l;
+    void *w;
+} tk_weight;
+
+/* A random weight of the given dtype; FP8 with block br x bc and random positive scales. */
+static tk_weight make_weight(xp_dtype dt, int64_t rows, int64_t cols, int br, int bc, uint64_t seed)
+{
+    tu_rng r;
+    tu_rng_seed(&r, seed);
+    tk_weight k = {0};
+    k.l.dtype = dt;
+    k.l.rows = rows;
+    k.l.cols = cols;
+    size_t n = (size_t)(rows * cols);
+    k.w = malloc(n * xp_dtype_size(dt));
+    for (size_t i = 0; i < n; i++) {
+        float v = (float)tu_rng_normal(&r);
+        if (dt == XP_F8_E4M3) {
+            uint8_t c;
+            do c = (uint8_t)tu_rng_u64(&r);
+            while ((c & 0x7f) == 0x7f); /* NaN codes are refused at load */
+            ((uint8_t *)k.w)[i] = c;
+        } else if (dt == XP_BF16) {
+            ((uint16_t *)k.w)[i] = xp_f32_to_bf16(v);
+        } else {
+            ((float *)k.w)[i] = v;
+        }
+    }
+    k.l.w = k.w;
+    if (dt == XP_F8_E4M3) {
+        k.l.br = br;
+        k.l.bc = bc;
+        k.l.nbc = (cols + bc - 1) / bc;
+        size_t ns = (size_t)((rows + br - 1) / br * k.l.nbc);
+        k.l.scale = malloc(ns * sizeof(float));
+        for (size_t i = 0; i < ns; i++) k.l.scale[i] = (float)(1e-3 * (1 + tu_rng_uniform(&r)));
+    }
+    return k;
+}
+
+static void free_weight(tk_weight *k)
+{
+    free(k->w);
+    free(k->l.scale);
+}
+
+static void test_decode_row_matches_reference(void **state)
+{
+    if (!xp_cpu_have_avx2()) skip();
+    xp_dtype types[] = {XP_F8_E4M3, XP_BF16};
+    int64_t shapes[][2] = {{3, 7}, {5, 130}, {130, 257}, {2, 1024}};
+    for (int t = 0; t < 2; t++)
+        for (int s = 0; s < 4; s++) {
+            tk_weight k = make_weight(types[t], shapes[s][0], shapes[s][1], 128, 64, (uint64_t)(t * 10 + s));
+            float *a = malloc((size_t)k.l.cols * 4), *b = malloc((size_t)k.l.cols * 4);
+            for (int64_t r = 0; r < k.l.rows; r++) {
+                xp_decode_row(&k.l, r, a);
+                xp_decode_row_ref(&k.l, r, b);
+                /* exact: the F16 route scales by a power of two */
+                assert_memory_equal(a, b, (size_t)k.l.cols * 4);
+            }
+            free(a);
+            free(b);
+            free_weight(&k);
+        }
+}
+
+static void test_dot_matches_reference(void **state)
+{
+    tu_rng r;
+    tu_rng_seed(&r, 5);
+    for (int n = 0; n < 300; n += 7) {
+        float a[300], b[300];
+        double exact = 0;
+        for (int i = 0; i < n; i++) {
+            a[i] = (float)tu_rng_normal(&r);
+            b[i] = (float)tu_rng_normal(&r);
+            exact += (double)a[i] * b[i];
+        }
+        assert_true(fabs(xp_dot(a, b, n) - exact) <= 1e-5 * (1 + fabs(exact)) * sqrt(n + 1.0));
+        assert_true(fabs(xp_dot_ref(a, b, n) - exact) <= 1e-5 * (1 + fabs(exact)) * sqrt(n + 1.0));
+    }
+}
+
+static void check_linear(xp_dtype dt, int64_t rows, int64_t cols, int threads)
+{
+    tk_weight k = make_weight(dt, rows, cols, 32, 64, (uint64_t)(rows * 31 + cols));
+    int n = 9;
+    float *x = malloc((size_t)(n * cols) * 4), *y = malloc((size_t)(n * rows) * 4),
+          *ref = malloc((size_t)(n * rows) * 4), *one = malloc((size_t)rows * 4);
+    tu_rng r;
+    tu_rng_seed(&r, 3);
+    for (int64_t i = 0; i < n * cols; i++) x[i] = (float)tu_rng_normal(&r);
+    xp_pool *pool = xp_pool_create(threads);
+    float **scratch = calloc((size_t)threads, sizeof *scratch);
+    for (int t = 0; t < threads; t++) scratch[t] = malloc(xp_linear_scratch_floats(cols) * 4);
+    xp_linear_forward(pool, scratch, &k.l, x, n, y);
+    xp_linear_forward_ref(&k.l, x, n, ref);
+    float mx = 0;
+    for (int64_t i = 0; i < n * rows; i++) mx = fmaxf(mx, fabsf(ref[i]));
+    for (int64_t i = 0; i < n * rows; i++) assert_true(fabsf(y[i] - ref[i]) <= 1e-5f * mx);
+    /* batch invariance: every row alone gives the same bits as inside the batch of 9 */
+    for (int i = 0; i < n; i++) {
+        xp_linear_forward(pool, scratch, &k.l, x + i * cols, 1, one);
+        assert_memory_equal(one, y + i * rows, (size_t)rows * 4);
+    }
+    for (int t = 0; t < threads; t++) free(scratch[t]);
+    free(scratch);
+    xp_pool_destroy(pool);
+    free(x);
+    free(y);
+    free(ref);
+    free(one);
+    free_weight(&k);
+}
+
+static void test_linear_matches_reference_and_is_batch_invariant(void **state)
+{
+    xp_dtype types[] = {XP_F8_E4M3, XP_BF16, XP_F32};
+    for (int t = 0; t < 3; t++) {
+        check_linear(types[t], 1, 5, 1);
+        check_linear(types[t], 67, 130, 2);
+        check_linear(types[t], 200, 320, 3);
+    }
+}
+
+static void test_scalar_fallback(void **state)
+{
+    xp_cpu_force_scalar(1);
+    assert_false(xp_cpu_have_avx2());
+    check_linear(XP_F8_E4M3, 67, 130, 2);
+    check_linear(XP_BF16, 33, 77, 1);
+    xp_cpu_force_scalar(0);
+}
+
+static void inc(void *ctx, int task, int thread)
+{
+    int *hits = ctx;
+    __atomic_fetch_add(&hits[task], 1, __ATOMIC_RELAXED);
+}
+
+static void test_pool_runs_every_task_once(void **state)
+{
+    xp_pool *p = xp_pool_create(3);
+    for (int round = 0; round < 50; round++) {
+        int hits[37] = {0};
+        xp_pool_run(p, 37, inc, hits);
+        for (int i = 0; i < 37; i++) assert_int_equal(hits[i], 1);
+    }
+    xp_pool_destroy(p);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_decode_row_matches_reference),
+        cmocka_unit_test(test_dot_matches_reference),
+        cmocka_unit_test(test_linear_matches_reference_and_is_batch_invariant),
+        cmocka_unit_test(test_scalar_fallback),
+        cmocka_unit_test(test_pool_runs_every_task_once),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
