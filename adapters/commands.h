@@ -7,5 +7,14 @@ int xp_cmd_synth(int argc, char **argv);
 int xp_cmd_inspect(int argc, char **argv);
 int xp_cmd_quantize(int argc, char **argv);
 int xp_cmd_dequantize(int argc, char **argv);
+int xp_cmd_tokenize(int argc, char **argv);
+int xp_cmd_extract(int argc, char **argv);
+int xp_cmd_analyze(int argc, char **argv);
+
+int xp_cmd_score(int argc, char **argv);
+
+int xp_cmd_generate(int argc, char **argv);
+
+int xp_cmd_bench(int argc, char **argv);
 
 #endif

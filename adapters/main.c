@@ -12,7 +12,13 @@ static const struct {
     {"synth", xp_cmd_synth, "write a random Qwen3-shaped checkpoint or a planted fine-tune"},
     {"inspect", xp_cmd_inspect, "tensor table, detected format and per-tensor statistics"},
     {"quantize", xp_cmd_quantize, "BF16 checkpoint -> FP8 block-quantized checkpoint"},
+    {"generate", xp_cmd_generate, "stream a reply from the engine (base or an adapter)"},
+    {"bench", xp_cmd_bench, "prefill/decode throughput and memory bandwidth share"},
+    {"score", xp_cmd_score, "logits of every position as a float32 .npy (parity checks)"},
     {"dequantize", xp_cmd_dequantize, "FP8 checkpoint -> BF16 checkpoint"},
+    {"tokenize", xp_cmd_tokenize, "token ids of a text or chat with the model's tokenizer"},
+    {"extract", xp_cmd_extract, "LoRA adapter from a fine-tune minus its base (Methods A and B)"},
+    {"analyze", xp_cmd_analyze, "geometry of an adapter against the FP8 quantization noise"},
 };
 
 static void xp_usage(FILE *fp)

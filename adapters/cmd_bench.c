@@ -1,0 +1,278 @@
+/* xprec bench: prefill and decode throughput of the engine at several batch sizes, base only or
+ * with K distinct adapters, and decode's weight traffic against this machine's memory bandwidth
+ * measured in the same run. */
+#include "cli.h"
+#include "commands.h"
+#include "cpu/pool.h"
+#include "peft.h"
+#include "qwen3_config.h"
+#include "rng.h"
+#include "xp_error.h"
+#include "xprec.h"
+
+#include <ftw.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define XP_BW_BYTES (1u << 30)
+
+typedef struct {
+    const float *buf;
+    size_t n, per;
+    double sums[256];
+} xp_bw_job;
+
+static void xp_bw_task(void *ctx, int task, int thread)
+{
+    xp_bw_job *j = ctx;
+    size_t b = (size_t)task * j->per, e = b + j->per < j->n ? b + j->per : j->n;
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (size_t i = b; i + 4 <= e; i += 4) {
+        s0 += j->buf[i];
+        s1 += j->buf[i + 1];
+        s2 += j->buf[i + 2];
+        s3 += j->buf[i + 3];
+    }
+    j->sums[task % 256] += s0 + s1 + s2 + s3;
+}
+
+/* Read bandwidth in bytes/s: all threads summing a buffer far larger than the caches. */
+static double xp_measure_bandwidth(int threads)
+{
+    size_t n = XP_BW_BYTES / sizeof(float);
+    float *buf = malloc(n * sizeof *buf);
+    if (!buf) return 0;
+    for (size_t i = 0; i < n; i++) buf[i] = 1.0f;
+    xp_pool *p = xp_pool_create(threads);
+    xp_bw_job j = {buf, n, n / (size_t)(threads * 8), {0}};
+    double best = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        double t0 = xp_now();
+        xp_pool_run(p, threads * 8, xp_bw_task, &j);
+        double dt = xp_now() - t0;
+        if ((double)n * sizeof(float) / dt > best) best = (double)n * sizeof(float) / dt;
+    }
+    xp_pool_destroy(p);
+    free(buf);
+    return best;
+}
+
+static int xp_rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    return remove(path);
+}
+
+/* K random adapters of rank r on all seven modules of every layer, under dir. */
+static int xp_bench_adapters(const char *model, const char *dir, int k, int rank)
+{
+    xp_qwen3_config cfg;
+    xp_quant_config q;
+    if (xp_qwen3_config_load(model, &cfg, &q) < 0) return -1;
+    xp_quant_config_free(&q);
+    int n = cfg.num_hidden_layers * XP_MOD_COUNT;
+    xp_lora_save *m = calloc((size_t)n, sizeof *m);
+    if (!m) return xp_fail("out of memory");
+    int rc = 0;
+    for (int a = 0; a < k && rc == 0; a++) {
+        xp_rng r;
+        xp_rng_seed(&r, (uint64_t)a, "bench-adapter");
+        for (int i = 0; i < n; i++) {
+            int64_t o, in;
+            xp_module_shape(&cfg, (xp_module)(i % XP_MOD_COUNT), &o, &in);
+            uint16_t *A = malloc((size_t)(rank * in) * 2), *B = malloc((size_t)(o * rank) * 2);
+            for (int64_t t = 0; A && t < rank * in; t++) A[t] = xp_f32_to_bf16(0.01f * xp_rng_normal(&r));
+            for (int64_t t = 0; B && t < o * rank; t++) B[t] = xp_f32_to_bf16(0.01f * xp_rng_normal(&r));
+            m[i] = (xp_lora_save){i / XP_MOD_COUNT, (xp_module)(i % XP_MOD_COUNT), rank, rank, in, o, A, B};
+        }
+        char sub[4096];
+        snprintf(sub, sizeof sub, "%s/a%d", dir, a);
+        rc = xp_mkdir(sub) < 0 || xp_peft_save(sub, model, m, (size_t)n, 0) < 0 ? -1 : 0;
+        for (int i = 0; i < n; i++) {
+            free((void *)m[i].A);
+            free((void *)m[i].B);
+        }
+    }
+    free(m);
+    return rc;
+}
+
+typedef struct {
+    double prefill_tps, decode_tps, step_ms;
+} xp_bench_result;
+
+static int xp_bench_run(const char *model, const char *adir, int batch, int k, int plen, int glen,
+                        int threads, xp_bench_result *res)
+{
+    xp_engine_opts o = {.threads = threads, .max_batch = batch, .max_adapters = k > 0 ? k : 1,
+                        .prefill_chunk = batch * plen > 256 ? batch * plen : 256,
+                        .kv_bytes = 0};
+    /* room for every sequence's prompt and reply */
+    xp_engine *e = xp_engine_create(model, &o);
+    if (!e) return -1;
+    int ctx = xp_engine_context(e);
+    if (plen + glen > ctx || (int64_t)batch * (plen + glen + 16) > (int64_t)ctx * 1) {
+        xp_engine_destroy(e);
+        o.kv_bytes = (size_t)1 << 20; /* probe the size of one position */
+        e = xp_engine_create(model, &o);
+        if (!e) return -1;
+        xp_engine_stats st;
+        xp_engine_stats_get(e, &st);
+        size_t per_block = ((size_t)1 << 20) / (size_t)st.kv_blocks_total;
+        xp_engine_destroy(e);
+        o.kv_bytes = per_block * (size_t)batch * (size_t)((plen + glen + 15) / 16 + 1);
+        if (!(e = xp_engine_create(model, &o))) return -1;
+    }
+    xp_queue *q = xp_queue_create();
+    int rc = -1;
+    char name[32], path[4096];
+    for (int a = 0; a < k; a++) {
+        snprintf(name, sizeof name, "a%d", a);
+        snprintf(path, sizeof path, "%s/a%d", adir, a);
+        if (xp_engine_add_adapter(e, name, path) < 0) goto out;
+    }
+    int32_t *toks = malloc((size_t)plen * sizeof *toks);
+    uint64_t *ids = calloc((size_t)batch, sizeof *ids);
+    int *seen = calloc((size_t)batch, sizeof *seen);
+    if (!toks || !ids || !seen) {
+        xp_fail("out of memory");
+        goto free_out;
+    }
+    char names[64][32];
+    double t0 = xp_now(), t_first = 0;
+    for (int i = 0; i < batch; i++) {
+        for (int t = 0; t < plen; t++) toks[t] = 1000 + (i * 7919 + t * 104729) % 100000;
+        snprintf(names[i % 64], sizeof names[0], "a%d", k ? i % k : 0);
+        xp_request r = {.adapter = k ? names[i % 64] : NULL, .tokens = toks, .n_tokens = (size_t)plen,
+                        .max_tokens = glen};
+        if (!(ids[i] = xp_engine_submit(e, &r, q))) goto free_out;
+    }
+    int first = 0, done = 0;
+    while (done < batch) {
+        xp_event ev;
+        if (!xp_queue_wait(q, &ev, 600000)) {
+            xp_fail("benchmark stalled");
+            goto free_out;
+        }
+        int i = (int)(ev.id - ids[0]);
+        if (i >= 0 && i < batch && !seen[i]++ && ++first == batch) t_first = xp_now();
+        if (ev.type == XP_EV_ERROR) {
+            xp_fail("%s", ev.error);
+            xp_event_clear(&ev);
+            goto free_out;
+        }
+        done += ev.type == XP_EV_DONE;
+        xp_event_clear(&ev);
+    }
+    double t_end = xp_now();
+    res->prefill_tps = (double)batch * plen / (t_first - t0);
+    res->step_ms = 1e3 * (t_end - t_first) / (glen - 1);
+    res->decode_tps = (double)batch * (glen - 1) / (t_end - t_first);
+    rc = 0;
+free_out:
+    free(toks);
+    free(ids);
+    free(seen);
+out:
+    xp_engine_destroy(e);
+    xp_queue_destroy(q);
+    return rc;
+}
+
+static void xp_bench_usage(FILE *fp)
+{
+    fprintf(fp, "usage: xprec bench --model DIR [--batch 1,8,32] [--adapters K --rank R]\n"
+                "                   [--prompt-len P] [--gen-len G] [--threads N]\n\n"
+                "Prefill and decode tokens/s, per-step time and decode's weight traffic as a\n"
+                "share of the memory read bandwidth measured in the same run; with --adapters,\n"
+                "every batch also runs with K distinct random rank-R adapters.\n");
+}
+
+int xp_cmd_bench(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},   {"batch", required_argument, 0, 'b'},
+        {"adapters", required_argument, 0, 'a'}, {"rank", required_argument, 0, 'r'},
+        {"prompt-len", required_argument, 0, 'p'}, {"gen-len", required_argument, 0, 'g'},
+        {"threads", required_argument, 0, 'j'}, {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    const char *model = NULL;
+    char batches[256] = "1,8,32";
+    long k = 0, rank = 16, plen = 64, glen = 32, threads = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 'b': snprintf(batches, sizeof batches, "%s", optarg); break;
+        case 'a':
+            if (xp_arg_long("bench", "--adapters", optarg, 0, 64, &k) < 0) return 2;
+            break;
+        case 'r':
+            if (xp_arg_long("bench", "--rank", optarg, 1, 256, &rank) < 0) return 2;
+            break;
+        case 'p':
+            if (xp_arg_long("bench", "--prompt-len", optarg, 1, 32768, &plen) < 0) return 2;
+            break;
+        case 'g':
+            if (xp_arg_long("bench", "--gen-len", optarg, 2, 32768, &glen) < 0) return 2;
+            break;
+        case 'j':
+            if (xp_arg_long("bench", "--threads", optarg, 1, 256, &threads) < 0) return 2;
+            break;
+        case 'h': xp_bench_usage(stdout); return 0;
+        default: xp_bench_usage(stderr); return 2;
+        }
+    }
+    if (optind < argc || !model) {
+        xp_bench_usage(stderr);
+        return 2;
+    }
+    int nt = threads ? (int)threads : xp_cpu_count();
+    char adir[] = "/tmp/xprec-bench-XXXXXX";
+    if (k > 0 && (!mkdtemp(adir) || xp_bench_adapters(model, adir, (int)k, (int)rank) < 0)) {
+        fprintf(stderr, "xprec bench: adapters: %s\n", xp_last_error());
+        return 1;
+    }
+    double bw = xp_measure_bandwidth(nt);
+    xp_engine_opts probe = {.threads = 1, .kv_bytes = 1 << 20, .max_batch = 1};
+    xp_engine *pe = xp_engine_create(model, &probe);
+    if (!pe) {
+        fprintf(stderr, "xprec bench: %s\n", xp_last_error());
+        return 1;
+    }
+    uint64_t step_bytes = xp_engine_step_bytes(pe);
+    xp_engine_destroy(pe);
+    printf("model %s, %d threads, prompt %ld, generate %ld tokens\n", model, nt, plen, glen);
+    printf("memory read bandwidth (measured): %.2f GB/s; weights streamed per decode step: %.1f MB\n",
+           bw / 1e9, (double)step_bytes / 1e6);
+    printf("%-6s %-16s %14s %14s %12s %16s %10s\n", "batch", "adapters", "prefill tok/s",
+           "decode tok/s", "step ms", "weights GB/s", "of peak");
+    int rc = 0;
+    for (char *tok = strtok(batches, ","); tok && rc == 0; tok = strtok(NULL, ",")) {
+        int b = atoi(tok);
+        if (b < 1 || b > 1024) {
+            fprintf(stderr, "xprec bench: bad batch size \"%s\"\n", tok);
+            rc = 2;
+            break;
+        }
+        for (int with = 0; with <= (k > 0) && rc == 0; with++) {
+            xp_bench_result r;
+            if (xp_bench_run(model, adir, b, with ? (int)k : 0, (int)plen, (int)glen, nt, &r) < 0) {
+                fprintf(stderr, "xprec bench: %s\n", xp_last_error());
+                rc = 1;
+                break;
+            }
+            char label[32];
+            snprintf(label, sizeof label, with ? "%ld x rank %ld" : "base only", k, rank);
+            double gbs = (double)step_bytes / (r.step_ms / 1e3) / 1e9;
+            printf("%-6d %-16s %14.1f %14.1f %12.2f %16.2f %9.0f%%\n", b, label, r.prefill_tps,
+                   r.decode_tps, r.step_ms, gbs, 100 * gbs * 1e9 / bw);
+            fflush(stdout);
+        }
+    }
+    if (k > 0) nftw(adir, xp_rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    return rc;
+}
