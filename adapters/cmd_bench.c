@@ -4,6 +4,7 @@
 #include "cli.h"
 #include "commands.h"
 #include "cpu/pool.h"
+#include "kv_cache.h"
 #include "peft.h"
 #include "qwen3_config.h"
 #include "rng.h"
@@ -103,28 +104,26 @@ typedef struct {
     double prefill_tps, decode_tps, step_ms;
 } xp_bench_result;
 
+/* KV bytes of one block of this model. */
+static size_t xp_bench_block_bytes(const char *model)
+{
+    xp_qwen3_config cfg;
+    xp_quant_config q;
+    if (xp_qwen3_config_load(model, &cfg, &q) < 0) return 1;
+    xp_quant_config_free(&q);
+    return xp_kv_bytes_per_block(cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim);
+}
+
 static int xp_bench_run(const char *model, const char *adir, int batch, int k, int plen, int glen,
                         int threads, xp_bench_result *res)
 {
+    /* a cache with room for every sequence's prompt and reply, so all run at once */
     xp_engine_opts o = {.threads = threads, .max_batch = batch, .max_adapters = k > 0 ? k : 1,
                         .prefill_chunk = batch * plen > 256 ? batch * plen : 256,
-                        .kv_bytes = 0};
-    /* room for every sequence's prompt and reply */
+                        .kv_bytes = xp_bench_block_bytes(model) * (size_t)batch *
+                                    (size_t)xp_kv_blocks_for(plen + glen)};
     xp_engine *e = xp_engine_create(model, &o);
     if (!e) return -1;
-    int ctx = xp_engine_context(e);
-    if (plen + glen > ctx || (int64_t)batch * (plen + glen + 16) > (int64_t)ctx * 1) {
-        xp_engine_destroy(e);
-        o.kv_bytes = (size_t)1 << 20; /* probe the size of one position */
-        e = xp_engine_create(model, &o);
-        if (!e) return -1;
-        xp_engine_stats st;
-        xp_engine_stats_get(e, &st);
-        size_t per_block = ((size_t)1 << 20) / (size_t)st.kv_blocks_total;
-        xp_engine_destroy(e);
-        o.kv_bytes = per_block * (size_t)batch * (size_t)((plen + glen + 15) / 16 + 1);
-        if (!(e = xp_engine_create(model, &o))) return -1;
-    }
     xp_queue *q = xp_queue_create();
     int rc = -1;
     char name[32], path[4096];
@@ -237,7 +236,7 @@ int xp_cmd_bench(int argc, char **argv)
         return 1;
     }
     double bw = xp_measure_bandwidth(nt);
-    xp_engine_opts probe = {.threads = 1, .kv_bytes = 1 << 20, .max_batch = 1};
+    xp_engine_opts probe = {.threads = 1, .kv_bytes = xp_bench_block_bytes(model), .max_batch = 1};
     xp_engine *pe = xp_engine_create(model, &probe);
     if (!pe) {
         fprintf(stderr, "xprec bench: %s\n", xp_last_error());
