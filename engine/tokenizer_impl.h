@@ -25,11 +25,12 @@ typedef struct {
     int32_t rank, id;
 } xp_merge_slot;
 
-/* Word cache: direct-mapped slots holding short words and their ids, one lock per stripe. */
+/* Word cache shared by all calls: direct-mapped slots holding a short word and its ids in place
+ * (no allocation per word), one lock per stripe of slots. */
 #define XP_CACHE_SLOTS 32768
 #define XP_CACHE_STRIPES 64
-#define XP_CACHE_KEY 30
-#define XP_CACHE_IDS 10
+#define XP_CACHE_KEY 46
+#define XP_CACHE_IDS 16
 
 typedef struct {
     uint64_t hash;
@@ -37,6 +38,15 @@ typedef struct {
     char key[XP_CACHE_KEY];
     int32_t ids[XP_CACHE_IDS];
 } xp_cache_slot;
+
+/* A lock alone on its cache line, so threads taking neighbouring stripes do not collide. */
+typedef union {
+    pthread_mutex_t m;
+    char line[64];
+} xp_cache_lock;
+
+/* Code points below this have a bit in nfc_stable. */
+#define XP_NFC_TABLE 0x20000
 
 struct xp_tokenizer {
     /* id -> bytes: raw bytes for BPE tokens, UTF-8 content for added tokens */
@@ -59,13 +69,16 @@ struct xp_tokenizer {
     uint8_t added_first[256]; /* 1 if some added token starts with this byte */
 
     int nfc;
+    /* bit set: the code point is left alone by NFC whatever surrounds it, so text made only of
+     * such code points can skip normalization */
+    uint64_t *nfc_stable;
     pcre2_code *split_re; /* NULL: the whole section is one word */
 
     int32_t *stop;
     size_t n_stop;
 
     xp_cache_slot *cache;
-    pthread_mutex_t cache_lock[XP_CACHE_STRIPES];
+    xp_cache_lock cache_lock[XP_CACHE_STRIPES];
 };
 
 uint64_t xp_tok_hash(const void *p, size_t n);
@@ -76,6 +89,9 @@ int xp_tok_merge_find(const xp_tokenizer *t, int32_t left, int32_t right, int32_
 /* Compiles a tokenizer.json Split regex so that PCRE2 matches exactly what JavaScript's
  * RegExp(pattern, "u") matches. NULL + error. */
 pcre2_code *xp_tok_compile_regex(const char *pattern);
+
+/* JavaScript's white space (String.prototype.trim), which is also what \s means in the regex. */
+int xp_js_space(uint32_t c);
 
 /* Byte offset of the first invalid UTF-8 sequence, or len if the text is valid. */
 size_t xp_utf8_check(const char *s, size_t len);
