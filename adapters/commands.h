@@ -17,4 +17,6 @@ int xp_cmd_generate(int argc, char **argv);
 
 int xp_cmd_bench(int argc, char **argv);
 
+int xp_cmd_fidelity(int argc, char **argv);
+
 #endif

@@ -12,6 +12,7 @@ static const struct {
     {"synth", xp_cmd_synth, "write a random Qwen3-shaped checkpoint or a planted fine-tune"},
     {"inspect", xp_cmd_inspect, "tensor table, detected format and per-tensor statistics"},
     {"quantize", xp_cmd_quantize, "BF16 checkpoint -> FP8 block-quantized checkpoint"},
+    {"fidelity", xp_cmd_fidelity, "how much of a fine-tune survives on FP8, method by method"},
     {"generate", xp_cmd_generate, "stream a reply from the engine (base or an adapter)"},
     {"bench", xp_cmd_bench, "prefill/decode throughput and memory bandwidth share"},
     {"score", xp_cmd_score, "logits of every position as a float32 .npy (parity checks)"},

@@ -1,0 +1,551 @@
+/* xprec fidelity: how much of a fine-tune survives on the FP8 base, method by method.
+ *
+ * The BF16 fine-tune is the gold reference. For each prompt it writes a greedy continuation of
+ * N tokens; every method is then teacher-forced on prompt + continuation and compared position
+ * by position (KL of the next-token distribution from gold's, top-1 agreement), and asked for
+ * its own greedy continuation (does it equal gold's?). Methods: A (adapter extracted against
+ * the BF16 base, served on FP8), B (extracted against the dequantized FP8 base, served on FP8),
+ * C (the fine-tune quantized directly), and controls: A's adapter on the BF16 base, the FP8
+ * base alone, the BF16 base alone. Adapters and the quantized fine-tune are built once into a
+ * cache directory and reused. */
+#include "chat.h"
+#include "cli.h"
+#include "commands.h"
+#include "fidelity_prompts.h"
+#include "forward.h"
+#include "fsutil.h"
+#include "tokenizer.h"
+#include "xp_error.h"
+
+#include <cjson/cJSON.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define XP_FID_CHUNK 64
+#define XP_FID_MAX_RANKS 16
+
+/* ---------------------------------------------------------------- a model to evaluate */
+
+typedef struct {
+    xp_model *m;
+    xp_kv_cache kv;
+    xp_runtime *rt;
+    int32_t *table, *pos, *rows;
+    const int32_t **tables;
+    float *logits;
+    int vocab;
+} xp_fid_model;
+
+static int xp_fid_open(xp_fid_model *f, const char *dir, int ctx, int threads)
+{
+    memset(f, 0, sizeof *f);
+    if (xp_model_load(dir, &f->m) < 0) return -1;
+    const xp_qwen3_config *g = &f->m->cfg;
+    int kvd = g->num_key_value_heads * g->head_dim, nb = xp_kv_blocks_for(ctx);
+    f->vocab = g->vocab_size;
+    if (xp_kv_init(&f->kv, g->num_hidden_layers, kvd,
+                   (size_t)nb * xp_kv_bytes_per_block(g->num_hidden_layers, kvd)) < 0 ||
+        !(f->rt = xp_runtime_create(f->m, &f->kv, threads, XP_FID_CHUNK, nb * XP_KV_BLOCK)))
+        return -1;
+    f->table = malloc((size_t)nb * sizeof *f->table);
+    f->pos = malloc(XP_FID_CHUNK * sizeof *f->pos);
+    f->rows = malloc(XP_FID_CHUNK * sizeof *f->rows);
+    f->tables = malloc(XP_FID_CHUNK * sizeof *f->tables);
+    f->logits = malloc((size_t)XP_FID_CHUNK * (size_t)f->vocab * sizeof *f->logits);
+    if (!f->table || !f->pos || !f->rows || !f->tables || !f->logits)
+        return xp_fail("out of memory");
+    xp_kv_alloc(&f->kv, nb, f->table);
+    return 0;
+}
+
+static void xp_fid_close(xp_fid_model *f)
+{
+    xp_runtime_destroy(f->rt);
+    xp_kv_free(&f->kv);
+    xp_model_free(f->m);
+    free(f->table);
+    free(f->pos);
+    free(f->rows);
+    free(f->tables);
+    free(f->logits);
+    memset(f, 0, sizeof *f);
+}
+
+/* Runs toks[0..n) from position start (the cache holds 0..start-1) and copies the logits of
+ * positions >= first_out into out ((n - max(first_out, start)) x vocab). */
+static int xp_fid_run(xp_fid_model *f, const xp_lora_weights *lw, const int32_t *toks, int start,
+                      int n, int first_out, float *out)
+{
+    for (int c0 = start; c0 < n; c0 += XP_FID_CHUNK) {
+        int c = n - c0 < XP_FID_CHUNK ? n - c0 : XP_FID_CHUNK, nout = 0;
+        for (int i = 0; i < c; i++) {
+            f->pos[i] = c0 + i;
+            f->tables[i] = f->table;
+            if (c0 + i >= first_out) f->rows[nout++] = i;
+        }
+        xp_row_group g = {0, c, lw};
+        xp_batch b = {c, toks + c0, f->pos, f->tables, 1, &g, nout, f->rows, f->logits};
+        if (xp_forward(f->rt, &b) < 0) return -1;
+        if (nout) {
+            memcpy(out, f->logits, (size_t)nout * (size_t)f->vocab * sizeof *out);
+            out += (size_t)nout * (size_t)f->vocab;
+        }
+    }
+    return 0;
+}
+
+static int32_t xp_argmax(const float *x, int n)
+{
+    int32_t b = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[b]) b = i;
+    return b;
+}
+
+/* N greedy tokens after the prompt into cont (cont needs room for them). */
+static int xp_fid_greedy(xp_fid_model *f, const xp_lora_weights *lw, int32_t *toks, int np, int N,
+                         float *scratch)
+{
+    if (xp_fid_run(f, lw, toks, 0, np, np - 1, scratch) < 0) return -1;
+    for (int k = 0; k < N; k++) {
+        toks[np + k] = xp_argmax(scratch, f->vocab);
+        if (k + 1 < N && xp_fid_run(f, lw, toks, np + k, np + k + 1, np + k, scratch) < 0) return -1;
+    }
+    return 0;
+}
+
+/* log-softmax in double, written back as float */
+static void xp_log_softmax(float *x, int n)
+{
+    float mx = x[0];
+    for (int i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    double s = 0;
+    for (int i = 0; i < n; i++) s += exp((double)x[i] - mx);
+    double ls = log(s) + mx;
+    for (int i = 0; i < n; i++) x[i] = (float)((double)x[i] - ls);
+}
+
+/* KL(p || q) for log-probabilities lp, lq */
+static double xp_kl(const float *lp, const float *lq, int n)
+{
+    double kl = 0;
+    for (int i = 0; i < n; i++) {
+        double p = exp((double)lp[i]);
+        if (p > 0) kl += p * ((double)lp[i] - (double)lq[i]);
+    }
+    return kl > 0 ? kl : 0;
+}
+
+/* ---------------------------------------------------------------- artifacts in the cache */
+
+static int xp_exists(const char *dir, const char *file)
+{
+    char *p = xp_path_join(dir, file);
+    struct stat st;
+    int ok = p && stat(p, &st) == 0;
+    free(p);
+    return ok;
+}
+
+/* Runs another xprec command in-process with its output on stderr, so stdout keeps the table. */
+static int xp_run_cmd(int (*cmd)(int, char **), int argc, char **argv)
+{
+    fflush(stdout);
+    int saved = dup(1);
+    dup2(2, 1);
+    int rc = cmd(argc, argv);
+    fflush(stdout);
+    dup2(saved, 1);
+    close(saved);
+    return rc == 0 ? 0 : xp_fail("%s failed (see above)", argv[0]);
+}
+
+typedef struct {
+    const char *base, *quant, *tuned, *cache, *svd;
+    int ranks[XP_FID_MAX_RANKS], nranks, tokens, threads;
+} xp_fid_args;
+
+static int xp_build_artifacts(const xp_fid_args *a, char (*adir)[2][4096], char *tuned_fp8)
+{
+    if (xp_mkdir(a->cache) < 0) return -1;
+    if (strlen(a->cache) > 3000) return xp_fail("--cache path is too long");
+    snprintf(tuned_fp8, 4096, "%.3000s/C-tuned-fp8", a->cache);
+    if (!xp_exists(tuned_fp8, "config.json")) {
+        fprintf(stderr, "fidelity: Method C: quantizing the fine-tune -> %s\n", tuned_fp8);
+        char *argv[] = {"quantize", "--in", (char *)a->tuned, "--out", tuned_fp8, NULL};
+        if (xp_run_cmd(xp_cmd_quantize, 5, argv) < 0) return -1;
+    }
+    for (int i = 0; i < a->nranks; i++) {
+        char rank[16];
+        snprintf(rank, sizeof rank, "%d", a->ranks[i]);
+        for (int m = 0; m < 2; m++) {
+            snprintf(adir[i][m], 4096, "%.3000s/%c-r%d", a->cache, m ? 'B' : 'A', a->ranks[i]);
+            if (xp_exists(adir[i][m], "adapter_config.json")) continue;
+            fprintf(stderr, "fidelity: Method %c, rank %d -> %s\n", m ? 'B' : 'A', a->ranks[i],
+                    adir[i][m]);
+            char *argv[] = {"extract", "--base", (char *)(m ? a->quant : a->base), "--tuned",
+                            (char *)a->tuned, "--out", adir[i][m], "--rank", rank, "--svd",
+                            (char *)a->svd, NULL};
+            if (xp_run_cmd(xp_cmd_extract, 11, argv) < 0) return -1;
+        }
+    }
+    return 0;
+}
+
+/* Bytes of every tensor of a checkpoint or adapter directory. */
+static uint64_t xp_dir_tensor_bytes(const char *dir, const char *stem)
+{
+    xp_st_set *s;
+    if (xp_st_set_open(dir, stem, &s) < 0) return 0;
+    uint64_t b = 0;
+    for (size_t i = 0; i < xp_st_set_count(s); i++) b += xp_st_set_tensor(s, i)->nbytes;
+    xp_st_set_close(s);
+    return b;
+}
+
+/* ---------------------------------------------------------------- evaluation */
+
+typedef struct {
+    const char *method, *what;
+    int rank; /* 0: no adapter */
+    const char *model, *adapter;
+    double mean_kl, p95_kl, top1, greedy_match;
+    uint64_t bytes;
+} xp_fid_row;
+
+typedef struct {
+    int n;          /* prompts */
+    int32_t **toks; /* prompt + gold continuation */
+    int *np;
+    float **gold;   /* [N, vocab] gold log-probs per prompt */
+} xp_fid_gold;
+
+static int xp_cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int xp_fid_eval(const xp_fid_args *a, xp_fid_model *f, const xp_lora_weights *lw,
+                       const xp_fid_gold *g, xp_fid_row *row, float *scratch)
+{
+    int N = a->tokens, V = f->vocab, total = g->n * N, top1 = 0, match = 0;
+    double *kls = malloc((size_t)total * sizeof *kls), sum = 0;
+    int32_t *gen = malloc(((size_t)g->np[0] + 4096) * sizeof *gen);
+    if (!kls || !gen) {
+        free(kls);
+        free(gen);
+        return xp_fail("out of memory");
+    }
+    int rc = 0;
+    for (int p = 0; p < g->n && rc == 0; p++) {
+        int np = g->np[p];
+        if (xp_fid_run(f, lw, g->toks[p], 0, np + N - 1, np - 1, scratch) < 0) {
+            rc = -1;
+            break;
+        }
+        for (int k = 0; k < N; k++) {
+            float *q = scratch + (size_t)k * V;
+            if (xp_argmax(q, V) == g->toks[p][np + k]) top1++;
+            xp_log_softmax(q, V);
+            kls[p * N + k] = xp_kl(g->gold[p] + (size_t)k * V, q, V);
+            sum += kls[p * N + k];
+        }
+        int32_t *t = realloc(gen, ((size_t)np + (size_t)N) * sizeof *gen);
+        if (!t) {
+            rc = xp_fail("out of memory");
+            break;
+        }
+        gen = t;
+        memcpy(gen, g->toks[p], (size_t)np * sizeof *gen);
+        if (xp_fid_greedy(f, lw, gen, np, N, scratch) < 0) {
+            rc = -1;
+            break;
+        }
+        match += memcmp(gen + np, g->toks[p] + np, (size_t)N * sizeof *gen) == 0;
+    }
+    if (rc == 0) {
+        qsort(kls, (size_t)total, sizeof *kls, xp_cmp_double);
+        row->mean_kl = sum / total;
+        row->p95_kl = kls[(int)ceil(0.95 * total) - 1];
+        row->top1 = (double)top1 / total;
+        row->greedy_match = (double)match / g->n;
+    }
+    free(kls);
+    free(gen);
+    return rc;
+}
+
+static int xp_read_prompts(const char *path, char ***out, int *n)
+{
+    *out = NULL;
+    *n = 0;
+    if (!path) {
+        int k = (int)(sizeof xp_fidelity_default_prompts / sizeof *xp_fidelity_default_prompts);
+        *out = malloc((size_t)k * sizeof **out);
+        if (!*out) return xp_fail("out of memory");
+        for (int i = 0; i < k; i++) (*out)[i] = strdup(xp_fidelity_default_prompts[i]);
+        *n = k;
+        return 0;
+    }
+    char *text = xp_read_text_file(path, 16u << 20);
+    if (!text) return -1;
+    int cap = 16;
+    *out = malloc((size_t)cap * sizeof **out);
+    for (char *line = strtok(text, "\n"); line && *out; line = strtok(NULL, "\n")) {
+        if (!*line || *line == '#') continue;
+        if (*n == cap) {
+            char **m = realloc(*out, (size_t)(cap *= 2) * sizeof **out);
+            if (!m) break;
+            *out = m;
+        }
+        (*out)[(*n)++] = strdup(line);
+    }
+    free(text);
+    if (!*out) return xp_fail("out of memory");
+    if (*n == 0) return xp_fail("%s holds no prompts (one per line; # starts a comment)", path);
+    return 0;
+}
+
+static void xp_fid_usage(FILE *fp)
+{
+    fprintf(fp,
+            "usage: xprec fidelity --base DIR --quantized DIR --tuned DIR [--prompts FILE]\n"
+            "                      [--ranks 16,64,256] [--tokens N] [--out report.json]\n"
+            "                      [--plot FILE.png] [--cache DIR] [--svd auto|exact|randomized]\n"
+            "                      [--threads N]\n\n"
+            "Compares each way of serving the BF16 fine-tune --tuned on the FP8 base against\n"
+            "the fine-tune itself: Method A (adapter from tuned - base, on FP8), B (adapter\n"
+            "from tuned - dequant(FP8), on FP8), C (tuned quantized to FP8), and controls.\n"
+            "Per method: mean and p95 KL of the next-token distribution from gold's\n"
+            "(teacher-forced on gold's greedy continuation of N tokens, default 16), top-1\n"
+            "agreement, the share of prompts whose greedy continuation equals gold's, and\n"
+            "resident weight bytes. --prompts: one prompt per line (a default set ships).\n"
+            "Adapters and the quantized fine-tune are cached in --cache (default\n"
+            "./fidelity-cache) and reused by later runs.\n");
+}
+
+static int xp_fid_plot(const char *png, const xp_fid_row *rows, int nrows)
+{
+    char data[] = "/tmp/xprec-fid-XXXXXX";
+    int fd = mkstemp(data);
+    if (fd < 0) return xp_fail("cannot create a temporary file for the plot");
+    FILE *fp = fdopen(fd, "w");
+    for (int i = 0; i < nrows; i++) {
+        char label[64];
+        snprintf(label, sizeof label, rows[i].rank ? "%s r%d" : "%s", rows[i].method, rows[i].rank);
+        fprintf(fp, "%d \"%s\" %.6g\n", i, label, rows[i].mean_kl > 0 ? rows[i].mean_kl : 1e-12);
+    }
+    fclose(fp);
+    char cmd[8192];
+    snprintf(cmd, sizeof cmd,
+             "gnuplot -e \"set terminal png size 1100,600; set output '%s'; set style fill solid; "
+             "set boxwidth 0.7; set logscale y; set format y '%%.0e'; set ylabel 'mean KL(gold || method)'; "
+             "set xtics rotate by -35; set title 'xprec fidelity'; "
+             "plot '%s' using 1:3:xtic(2) with boxes notitle\" 2>&1",
+             png, data);
+    int rc = system(cmd);
+    remove(data);
+    if (rc != 0) return xp_fail("gnuplot failed or is not installed (exit %d)", rc);
+    return 0;
+}
+
+int xp_cmd_fidelity(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"base", required_argument, 0, 'b'},   {"quantized", required_argument, 0, 'q'},
+        {"tuned", required_argument, 0, 't'},  {"prompts", required_argument, 0, 'p'},
+        {"ranks", required_argument, 0, 'r'},  {"tokens", required_argument, 0, 'n'},
+        {"out", required_argument, 0, 'o'},    {"plot", required_argument, 0, 'P'},
+        {"cache", required_argument, 0, 'c'},  {"svd", required_argument, 0, 's'},
+        {"threads", required_argument, 0, 'j'}, {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    xp_fid_args a = {.cache = "fidelity-cache", .svd = "auto", .tokens = 16};
+    const char *prompts = NULL, *out = NULL, *plot = NULL;
+    char ranks[256] = "16,64,256";
+    long v;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'b': a.base = optarg; break;
+        case 'q': a.quant = optarg; break;
+        case 't': a.tuned = optarg; break;
+        case 'p': prompts = optarg; break;
+        case 'r': snprintf(ranks, sizeof ranks, "%s", optarg); break;
+        case 'n':
+            if (xp_arg_long("fidelity", "--tokens", optarg, 1, 4096, &v) < 0) return 2;
+            a.tokens = (int)v;
+            break;
+        case 'o': out = optarg; break;
+        case 'P': plot = optarg; break;
+        case 'c': a.cache = optarg; break;
+        case 's': a.svd = optarg; break;
+        case 'j':
+            if (xp_arg_long("fidelity", "--threads", optarg, 1, 1024, &v) < 0) return 2;
+            a.threads = (int)v;
+            break;
+        case 'h': xp_fid_usage(stdout); return 0;
+        default: xp_fid_usage(stderr); return 2;
+        }
+    }
+    if (optind < argc || !a.base || !a.quant || !a.tuned) {
+        xp_fid_usage(stderr);
+        return 2;
+    }
+    for (char *t = strtok(ranks, ","); t; t = strtok(NULL, ",")) {
+        if (a.nranks == XP_FID_MAX_RANKS ||
+            xp_arg_long("fidelity", "--ranks", t, 1, 256, &v) < 0)
+            return 2;
+        a.ranks[a.nranks++] = (int)v;
+    }
+    if (!a.threads) a.threads = xp_cpu_count();
+    char (*adir)[2][4096] = calloc((size_t)a.nranks, sizeof *adir), tuned_fp8[4096];
+    char **texts = NULL;
+    int ntexts = 0, rc = 1, nrows = 0;
+    xp_fid_gold g = {0};
+    xp_fid_row *rows = calloc((size_t)(3 * a.nranks + 3), sizeof *rows);
+    float *scratch = NULL;
+    xp_tokenizer *tok = NULL;
+    xp_fid_model f = {0};
+    cJSON *report = NULL;
+    if (!adir || !rows) goto oom;
+    if (xp_read_prompts(prompts, &texts, &ntexts) < 0) goto fail;
+    if (xp_build_artifacts(&a, adir, tuned_fp8) < 0) goto fail;
+    /* prompts in ChatML, thinking off, as a chat client would send them */
+    if (!(tok = xp_tokenizer_load(a.tuned))) goto fail;
+    g.n = ntexts;
+    g.toks = calloc((size_t)ntexts, sizeof *g.toks);
+    g.np = calloc((size_t)ntexts, sizeof *g.np);
+    g.gold = calloc((size_t)ntexts, sizeof *g.gold);
+    if (!g.toks || !g.np || !g.gold) goto oom;
+    int maxlen = 0;
+    for (int p = 0; p < ntexts; p++) {
+        xp_chat_msg msg = {"user", texts[p]};
+        char *chat = xp_chat_build(&msg, 1, 1, 0);
+        size_t n;
+        int32_t *ids;
+        int bad = !chat || xp_tokenizer_encode(tok, chat, strlen(chat), 1, &ids, &n) < 0;
+        free(chat);
+        if (bad) goto fail;
+        g.np[p] = (int)n;
+        if (!(g.toks[p] = realloc(ids, (n + (size_t)a.tokens) * sizeof *ids))) goto oom;
+        if ((int)n + a.tokens > maxlen) maxlen = (int)n + a.tokens;
+    }
+    /* gold: the fine-tune's greedy continuation and its log-probs along it */
+    fprintf(stderr, "fidelity: gold continuations from %s\n", a.tuned);
+    if (xp_fid_open(&f, a.tuned, maxlen, a.threads) < 0) goto fail;
+    int V = f.vocab;
+    if (!(scratch = malloc((size_t)(a.tokens > XP_FID_CHUNK ? a.tokens : XP_FID_CHUNK) * (size_t)V * sizeof *scratch)))
+        goto oom;
+    for (int p = 0; p < ntexts; p++) {
+        int np = g.np[p];
+        if (xp_fid_greedy(&f, NULL, g.toks[p], np, a.tokens, scratch) < 0 ||
+            xp_fid_run(&f, NULL, g.toks[p], 0, np + a.tokens - 1, np - 1, scratch) < 0)
+            goto fail;
+        if (!(g.gold[p] = malloc((size_t)a.tokens * (size_t)V * sizeof(float)))) goto oom;
+        for (int k = 0; k < a.tokens; k++) xp_log_softmax(scratch + (size_t)k * V, V);
+        memcpy(g.gold[p], scratch, (size_t)a.tokens * (size_t)V * sizeof(float));
+    }
+    xp_fid_close(&f);
+    /* every method and control, one model load per checkpoint */
+    for (int i = 0; i < a.nranks; i++) {
+        rows[nrows++] = (xp_fid_row){.method = "A", .what = "BF16-base adapter on the FP8 base", .rank = a.ranks[i], .model = a.quant, .adapter = adir[i][0]};
+        rows[nrows++] = (xp_fid_row){.method = "B", .what = "FP8-base adapter on the FP8 base", .rank = a.ranks[i], .model = a.quant, .adapter = adir[i][1]};
+        rows[nrows++] = (xp_fid_row){.method = "ctrl A/BF16", .what = "A's adapter on the BF16 base", .rank = a.ranks[i], .model = a.base, .adapter = adir[i][0]};
+    }
+    rows[nrows++] = (xp_fid_row){.method = "C", .what = "fine-tune quantized to FP8", .rank = 0, .model = tuned_fp8, .adapter = NULL};
+    rows[nrows++] = (xp_fid_row){.method = "ctrl FP8", .what = "FP8 base, no adapter", .rank = 0, .model = a.quant, .adapter = NULL};
+    rows[nrows++] = (xp_fid_row){.method = "ctrl BF16", .what = "BF16 base, no adapter", .rank = 0, .model = a.base, .adapter = NULL};
+    const char *models[4] = {a.quant, a.base, tuned_fp8, NULL};
+    xp_progress pr;
+    xp_progress_begin(&pr, "fidelity", (size_t)nrows, (uint64_t)nrows);
+    int done = 0;
+    for (int mi = 0; models[mi]; mi++) {
+        if (xp_fid_open(&f, models[mi], maxlen, a.threads) < 0) goto fail;
+        uint64_t mbytes = xp_dir_tensor_bytes(models[mi], "model");
+        for (int r = 0; r < nrows; r++) {
+            if (rows[r].model != models[mi]) continue;
+            xp_lora_weights lw = {0};
+            if (rows[r].adapter && xp_lora_load(rows[r].adapter, &f.m->cfg, &lw) < 0) goto fail;
+            int e = xp_fid_eval(&a, &f, rows[r].adapter ? &lw : NULL, &g, &rows[r], scratch);
+            rows[r].bytes = mbytes + (rows[r].adapter ? xp_dir_tensor_bytes(rows[r].adapter, "adapter_model") : 0);
+            xp_lora_free(&lw);
+            if (e < 0) goto fail;
+            done++;
+            xp_progress_update(&pr, (size_t)done, (uint64_t)done, rows[r].what);
+        }
+        xp_fid_close(&f);
+    }
+    xp_progress_end(&pr);
+    printf("fidelity of %s served on %s (gold: the BF16 fine-tune), %d prompts x %d tokens\n",
+           a.tuned, a.quant, ntexts, a.tokens);
+    printf("%-12s %-36s %5s %11s %11s %7s %8s %12s\n", "method", "what", "rank", "mean KL",
+           "p95 KL", "top-1", "greedy=", "weights MB");
+    report = cJSON_CreateObject();
+    cJSON_AddStringToObject(report, "base", a.base);
+    cJSON_AddStringToObject(report, "quantized", a.quant);
+    cJSON_AddStringToObject(report, "tuned", a.tuned);
+    cJSON_AddNumberToObject(report, "prompts", ntexts);
+    cJSON_AddNumberToObject(report, "tokens", a.tokens);
+    cJSON *jr = cJSON_AddArrayToObject(report, "methods");
+    for (int r = 0; r < nrows; r++) {
+        xp_fid_row *x = &rows[r];
+        char rk[16] = "-";
+        if (x->rank) snprintf(rk, sizeof rk, "%d", x->rank);
+        printf("%-12s %-36s %5s %11.4g %11.4g %6.1f%% %7.1f%% %12.1f\n", x->method, x->what, rk,
+               x->mean_kl, x->p95_kl, 100 * x->top1, 100 * x->greedy_match, (double)x->bytes / 1e6);
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "method", x->method);
+        cJSON_AddStringToObject(o, "what", x->what);
+        cJSON_AddNumberToObject(o, "rank", x->rank);
+        cJSON_AddStringToObject(o, "model", x->model);
+        if (x->adapter) cJSON_AddStringToObject(o, "adapter", x->adapter);
+        cJSON_AddNumberToObject(o, "mean_kl", x->mean_kl);
+        cJSON_AddNumberToObject(o, "p95_kl", x->p95_kl);
+        cJSON_AddNumberToObject(o, "top1_agreement", x->top1);
+        cJSON_AddNumberToObject(o, "greedy_match", x->greedy_match);
+        cJSON_AddNumberToObject(o, "weight_bytes", (double)x->bytes);
+        cJSON_AddItemToArray(jr, o);
+    }
+    if (out) {
+        char *js = cJSON_Print(report);
+        FILE *fp = js ? fopen(out, "w") : NULL;
+        int ok = fp && fputs(js, fp) >= 0;
+        ok = fp && fclose(fp) == 0 && ok;
+        free(js);
+        if (!ok) {
+            xp_fail("%s: cannot write the report", out);
+            goto fail;
+        }
+    }
+    if (plot && xp_fid_plot(plot, rows, nrows) < 0) goto fail;
+    rc = 0;
+    goto done;
+oom:
+    xp_fail("out of memory");
+fail:
+    fprintf(stderr, "xprec fidelity: %s\n", xp_last_error());
+done:
+    xp_fid_close(&f);
+    xp_tokenizer_free(tok);
+    for (int p = 0; p < g.n; p++) {
+        free(g.toks[p]);
+        free(g.gold[p]);
+    }
+    free(g.toks);
+    free(g.np);
+    free(g.gold);
+    for (int p = 0; p < ntexts; p++) free(texts[p]);
+    free(texts);
+    free(rows);
+    free(adir);
+    free(scratch);
+    cJSON_Delete(report);
+    return rc;
+}
