@@ -121,6 +121,7 @@ int xp_adapter_acquire(xp_engine *e, xp_adapter *ad)
             pthread_mutex_unlock(&e->mu);
             return 0;
         }
+        if (e->be->forget_adapter) e->be->forget_adapter(e->rt, &lru->w);
         xp_lora_free(&lru->w);
         lru->resident = 0;
         e->st.adapter_evictions++;

@@ -417,7 +417,7 @@ static void xp_step(xp_engine *e)
     }
     xp_batch b = {rows, e->b_tokens, e->b_pos, (const int32_t *const *)e->b_tables, ng, e->b_groups,
                   nout, e->b_out_rows, e->logits};
-    if (xp_forward(e->rt, &b) < 0) {
+    if (e->be->forward(e->rt, &b) < 0) {
         /* a bug or a resource failure: end the sequences of this batch with the reason */
         char msg[512];
         snprintf(msg, sizeof msg, "%s", xp_last_error());
@@ -516,7 +516,25 @@ xp_engine *xp_engine_create(const char *model_dir, const xp_engine_opts *opts)
     e->context = g->max_position_embeddings;
     if (e->context > e->kv.n_blocks * XP_KV_BLOCK) e->context = e->kv.n_blocks * XP_KV_BLOCK;
     int rows = e->o.prefill_chunk, mb = e->o.max_batch;
-    if (!(e->rt = xp_runtime_create(e->model, &e->kv, e->o.threads, rows, e->context))) goto fail;
+    const char *want = e->o.backend ? e->o.backend : "cpu";
+    if (strcmp(want, "cpu") == 0) {
+        e->be = &xp_backend_cpu;
+    } else if (strcmp(want, "cuda") == 0 || strcmp(want, "auto") == 0) {
+        e->be = xp_backend_cuda();
+        if (!e->be && strcmp(want, "cuda") == 0) {
+            xp_fail("this build has no CUDA backend (build with make CUDA=1)");
+            goto fail;
+        }
+        if (!e->be) e->be = &xp_backend_cpu;
+    } else {
+        xp_fail("unknown backend \"%s\" (cpu, cuda or auto)", want);
+        goto fail;
+    }
+    if (!(e->rt = e->be->create(e->model, &e->kv, e->o.threads, rows, e->context))) {
+        if (strcmp(want, "auto") != 0 || e->be == &xp_backend_cpu) goto fail;
+        e->be = &xp_backend_cpu; /* auto: no usable GPU, run on the CPU */
+        if (!(e->rt = e->be->create(e->model, &e->kv, e->o.threads, rows, e->context))) goto fail;
+    }
     e->logits = malloc((size_t)mb * (size_t)g->vocab_size * sizeof *e->logits);
     e->sample_idx = malloc((size_t)g->vocab_size * sizeof *e->sample_idx);
     e->run = calloc((size_t)mb, sizeof *e->run);
@@ -567,7 +585,7 @@ void xp_engine_destroy(xp_engine *e)
     for (int i = 0; i < e->n_running; i++) xp_finish_seq(e, e->run[i], XP_FINISH_CANCELLED, e->run[i]->sent);
     e->n_running = 0;
     xp_adapters_free(e);
-    xp_runtime_destroy(e->rt);
+    if (e->rt) e->be->destroy(e->rt);
     xp_kv_free(&e->kv);
     xp_tokenizer_free(e->tok);
     xp_model_free(e->model);
@@ -595,6 +613,11 @@ void xp_engine_stats_get(xp_engine *e, xp_engine_stats *s)
     for (xp_adapter *a = e->adapters; a; a = a->next) r += a->resident;
     s->adapters_resident = r;
     pthread_mutex_unlock(&e->mu);
+}
+
+const char *xp_engine_backend(const xp_engine *e)
+{
+    return e->be->name;
 }
 
 int xp_engine_context(const xp_engine *e)

@@ -2,6 +2,7 @@
 #ifndef XP_ENGINE_IMPL_H
 #define XP_ENGINE_IMPL_H
 
+#include "backend.h"
 #include "forward.h"
 #include "rng.h"
 #include "sampler.h"
@@ -46,7 +47,8 @@ struct xp_engine {
     xp_model *model;
     xp_tokenizer *tok;
     xp_kv_cache kv;
-    xp_runtime *rt;
+    const xp_backend *be;
+    void *rt; /* the backend's context */
     xp_engine_opts o;
     int context;
     pthread_t thread;

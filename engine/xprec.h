@@ -20,6 +20,8 @@ typedef struct {
     int max_batch;      /* sequences per step; 0 = 32 */
     int max_adapters;   /* adapters resident at once; 0 = 8 */
     int prefill_chunk;  /* token rows per step; 0 = 256 */
+    const char *backend; /* "cpu" (default), "cuda", or "auto" (CUDA when built in and a GPU
+                            is present, else CPU) */
 } xp_engine_opts;
 
 typedef enum { XP_EV_TOKEN, XP_EV_DONE, XP_EV_ERROR } xp_event_type;
@@ -93,6 +95,8 @@ uint64_t xp_engine_submit(xp_engine *e, const xp_request *r, xp_queue *q);
 int xp_engine_cancel(xp_engine *e, uint64_t id);
 
 void xp_engine_stats_get(xp_engine *e, xp_engine_stats *s);
+/* The backend the engine runs on ("cpu" or "cuda"). */
+const char *xp_engine_backend(const xp_engine *e);
 /* Context length in positions. */
 int xp_engine_context(const xp_engine *e);
 /* Bytes of weights one decode step streams (for bandwidth figures). */
