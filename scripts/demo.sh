@@ -22,14 +22,18 @@ $X inspect "$D/base-fp8" | grep -E '^(build|config|tensor|model\.layers\.0\.self
 step "xprec dequantize: FP8 -> BF16 bridge model"
 $X dequantize --in "$D/base-fp8" --out "$D/base-bridge"
 $X inspect "$D/base-bridge" | tail -1
-if $X --help | grep -q '^  extract'; then
-    step "xprec extract: Method B adapter (fine-tune minus dequantized FP8 base)"
-    $X extract --base "$D/base-fp8" --tuned "$D/tuned" --out "$D/adapter" --rank 8 --report "$D/extract.json"
-    $X inspect "$D/adapter" | tail -1
-fi
-if $X --help | grep -q '^  tokenize'; then
-    step "xprec tokenize: a chat prompt in Qwen3 ChatML"
-    $X tokenize --model "$D/base" --chat '[{"role":"user","content":"Hello, FP8!"}]'
-fi
+step "xprec extract: Method B adapter (fine-tune minus dequantized FP8 base)"
+$X extract --base "$D/base-fp8" --tuned "$D/tuned" --out "$D/adapter" --rank 8 --report "$D/extract.json"
+$X inspect "$D/adapter" | tail -1
+step "xprec tokenize: a chat prompt in Qwen3 ChatML"
+$X tokenize --model "$D/base" --chat '[{"role":"user","content":"Hello, FP8!"}]'
+echo
+step "xprec generate: the FP8 base with the adapter (random weights: the text is noise)"
+$X generate --model "$D/base-fp8" --adapter domain="$D/adapter" --use domain \
+    --chat '[{"role":"user","content":"Hello, FP8!"}]' --max-tokens 24 --seed 1
+step "xprec fidelity: Methods A, B, C against the fine-tune (4 prompts, 6 tokens)"
+printf '%s\n' "What is FP8?" "Explain LoRA." "Why share one base model?" "Hello" >"$D/prompts.txt"
+$X fidelity --base "$D/base" --quantized "$D/base-fp8" --tuned "$D/tuned" --ranks 8 \
+    --tokens 6 --prompts "$D/prompts.txt" --cache "$D/fidelity" 2>/dev/null
 step "done: models in $D"
 du -sh "$D"/*
