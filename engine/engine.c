@@ -380,22 +380,25 @@ static void xp_step(xp_engine *e)
 {
     int n = e->n_running, budget = e->o.prefill_chunk, rows = 0, ns = 0;
     xp_seq **seqs = e->batch_seqs;
-    /* decode rows first, one per generating sequence, then prefill chunks in arrival order
-     * (the running array keeps it) with the rows left */
+    /* decode rows first, one per generating sequence, then prefill chunks with the rows left */
     for (int i = 0; i < n; i++) {
         xp_seq *s = e->run[i];
         s->take = s->n_tokens - s->n_cached == 1;
         budget -= s->take;
     }
-    for (int i = 0; i < n; i++) {
-        xp_seq *s = e->run[i];
+    /* prefill rows go round the running set from a different start each step, so one long
+     * prompt cannot hold back the others' first tokens */
+    int off = n ? (int)(e->st.steps % (uint64_t)n) : 0;
+    for (int k = 0; k < n; k++) {
+        xp_seq *s = e->run[(off + k) % n];
         int left = s->n_tokens - s->n_cached;
         if (left > 1 && budget > 0) {
             s->take = left < budget ? left : budget;
             budget -= s->take;
         }
-        if (s->take) seqs[ns++] = s, rows += s->take;
     }
+    for (int i = 0; i < n; i++)
+        if (e->run[i]->take) seqs[ns++] = e->run[i], rows += e->run[i]->take;
     if (ns == 0) return;
     /* rows of one adapter together: one shrink and one expand per adapter and module */
     qsort(seqs, (size_t)ns, sizeof *seqs, xp_cmp_seq_adapter);
