@@ -1,0 +1,34 @@
+/* The vector kernels behind kernels.h, one set per instruction-set level. Within a level every
+ * dot product of n elements is summed in one fixed order, so the few-row (register decoding)
+ * and many-row (tile) paths give the same bits for the same row. */
+#ifndef XP_SIMD_H
+#define XP_SIMD_H
+
+#include "model.h"
+
+#include <stdint.h>
+
+typedef struct {
+    float (*dot)(const float *a, const float *b, int64_t n);
+    /* four dots of x rows (stride ldx) with one weight row w */
+    void (*dot4)(const float *x, int64_t ldx, const float *w, int64_t n, float *out);
+    /* y[i, r] for weight rows [r0, r1) and n <= 4 x rows, decoding W in registers */
+    void (*fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n,
+                       float *y);
+    void (*decode_row)(const xp_linear *l, int64_t r, float *dst);
+    int fp8_chunk; /* codes decoded at once: FP8 block widths must be a multiple */
+} xp_simd;
+
+float xp_dot_avx2(const float *a, const float *b, int64_t n);
+void xp_dot4_avx2(const float *x, int64_t ldx, const float *w, int64_t n, float *out);
+void xp_fused_rows_avx2(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n,
+                        float *y);
+void xp_decode_row_avx2(const xp_linear *l, int64_t r, float *dst);
+
+float xp_dot_avx512(const float *a, const float *b, int64_t n);
+void xp_dot4_avx512(const float *x, int64_t ldx, const float *w, int64_t n, float *out);
+void xp_fused_rows_avx512(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n,
+                          float *y);
+void xp_decode_row_avx512(const xp_linear *l, int64_t r, float *dst);
+
+#endif
