@@ -101,8 +101,20 @@ static int xp_bench_adapters(const char *model, const char *dir, int k, int rank
 }
 
 typedef struct {
-    double prefill_tps, decode_tps, step_ms;
+    double prefill_tps, decode_tps, step_ms, rss_mb;
 } xp_bench_result;
+
+/* Resident memory of this process now, in MB (weights, KV cache, adapters, buffers). */
+static double xp_rss_mb(void)
+{
+    FILE *fp = fopen("/proc/self/status", "r");
+    char line[256];
+    double kb = 0;
+    while (fp && fgets(line, sizeof line, fp))
+        if (sscanf(line, "VmRSS: %lf kB", &kb) == 1) break;
+    if (fp) fclose(fp);
+    return kb / 1024;
+}
 
 /* KV bytes of one block of this model. */
 static size_t xp_bench_block_bytes(const char *model)
@@ -115,13 +127,14 @@ static size_t xp_bench_block_bytes(const char *model)
 }
 
 static int xp_bench_run(const char *model, const char *adir, int batch, int k, int plen, int glen,
-                        int threads, xp_bench_result *res)
+                        int threads, const char *backend, xp_bench_result *res)
 {
     /* a cache with room for every sequence's prompt and reply, so all run at once */
     xp_engine_opts o = {.threads = threads, .max_batch = batch, .max_adapters = k > 0 ? k : 1,
                         .prefill_chunk = batch * plen > 256 ? batch * plen : 256,
                         .kv_bytes = xp_bench_block_bytes(model) * (size_t)batch *
-                                    (size_t)xp_kv_blocks_for(plen + glen)};
+                                    (size_t)xp_kv_blocks_for(plen + glen),
+                        .backend = backend};
     xp_engine *e = xp_engine_create(model, &o);
     if (!e) return -1;
     xp_queue *q = xp_queue_create();
@@ -169,6 +182,7 @@ static int xp_bench_run(const char *model, const char *adir, int batch, int k, i
     res->prefill_tps = (double)batch * plen / (t_first - t0);
     res->step_ms = 1e3 * (t_end - t_first) / (glen - 1);
     res->decode_tps = (double)batch * (glen - 1) / (t_end - t_first);
+    res->rss_mb = xp_rss_mb();
     rc = 0;
 free_out:
     free(toks);
@@ -183,7 +197,8 @@ out:
 static void xp_bench_usage(FILE *fp)
 {
     fprintf(fp, "usage: xprec bench --model DIR [--batch 1,8,32] [--adapters K --rank R]\n"
-                "                   [--prompt-len P] [--gen-len G] [--threads N]\n\n"
+                "                   [--prompt-len P] [--gen-len G] [--threads N]\n"
+                "                   [--backend cpu|cuda|auto]\n\n"
                 "Prefill and decode tokens/s, per-step time and decode's weight traffic as a\n"
                 "share of the memory read bandwidth measured in the same run; with --adapters,\n"
                 "every batch also runs with K distinct random rank-R adapters.\n");
@@ -196,8 +211,9 @@ int xp_cmd_bench(int argc, char **argv)
         {"adapters", required_argument, 0, 'a'}, {"rank", required_argument, 0, 'r'},
         {"prompt-len", required_argument, 0, 'p'}, {"gen-len", required_argument, 0, 'g'},
         {"threads", required_argument, 0, 'j'}, {"help", no_argument, 0, 'h'},
+        {"backend", required_argument, 0, 'B'},
         {0, 0, 0, 0}};
-    const char *model = NULL;
+    const char *model = NULL, *backend = NULL;
     char batches[256] = "1,8,32";
     long k = 0, rank = 16, plen = 64, glen = 32, threads = 0;
     int c;
@@ -221,6 +237,7 @@ int xp_cmd_bench(int argc, char **argv)
         case 'j':
             if (xp_arg_long("bench", "--threads", optarg, 1, 256, &threads) < 0) return 2;
             break;
+        case 'B': backend = optarg; break;
         case 'h': xp_bench_usage(stdout); return 0;
         default: xp_bench_usage(stderr); return 2;
         }
@@ -236,19 +253,22 @@ int xp_cmd_bench(int argc, char **argv)
         return 1;
     }
     double bw = xp_measure_bandwidth(nt);
-    xp_engine_opts probe = {.threads = 1, .kv_bytes = xp_bench_block_bytes(model), .max_batch = 1};
+    xp_engine_opts probe = {.threads = 1, .kv_bytes = xp_bench_block_bytes(model), .max_batch = 1,
+                            .backend = backend};
     xp_engine *pe = xp_engine_create(model, &probe);
     if (!pe) {
         fprintf(stderr, "xprec bench: %s\n", xp_last_error());
         return 1;
     }
     uint64_t step_bytes = xp_engine_step_bytes(pe);
+    const char *be_name = xp_engine_backend(pe);
     xp_engine_destroy(pe);
-    printf("model %s, %d threads, prompt %ld, generate %ld tokens\n", model, nt, plen, glen);
+    printf("model %s, backend %s, %d threads, prompt %ld, generate %ld tokens\n", model, be_name,
+           nt, plen, glen);
     printf("memory read bandwidth (measured): %.2f GB/s; weights streamed per decode step: %.1f MB\n",
            bw / 1e9, (double)step_bytes / 1e6);
-    printf("%-6s %-16s %14s %14s %12s %16s %10s\n", "batch", "adapters", "prefill tok/s",
-           "decode tok/s", "step ms", "weights GB/s", "of peak");
+    printf("%-6s %-16s %14s %14s %12s %16s %10s %9s\n", "batch", "adapters", "prefill tok/s",
+           "decode tok/s", "step ms", "weights GB/s", "of peak", "RSS MB");
     int rc = 0;
     for (char *tok = strtok(batches, ","); tok && rc == 0; tok = strtok(NULL, ",")) {
         int b = atoi(tok);
@@ -259,7 +279,8 @@ int xp_cmd_bench(int argc, char **argv)
         }
         for (int with = 0; with <= (k > 0) && rc == 0; with++) {
             xp_bench_result r;
-            if (xp_bench_run(model, adir, b, with ? (int)k : 0, (int)plen, (int)glen, nt, &r) < 0) {
+            if (xp_bench_run(model, adir, b, with ? (int)k : 0, (int)plen, (int)glen, nt, backend,
+                             &r) < 0) {
                 fprintf(stderr, "xprec bench: %s\n", xp_last_error());
                 rc = 1;
                 break;
@@ -267,8 +288,8 @@ int xp_cmd_bench(int argc, char **argv)
             char label[32];
             snprintf(label, sizeof label, with ? "%ld x rank %ld" : "base only", k, rank);
             double gbs = (double)step_bytes / (r.step_ms / 1e3) / 1e9;
-            printf("%-6d %-16s %14.1f %14.1f %12.2f %16.2f %9.0f%%\n", b, label, r.prefill_tps,
-                   r.decode_tps, r.step_ms, gbs, 100 * gbs * 1e9 / bw);
+            printf("%-6d %-16s %14.1f %14.1f %12.2f %16.2f %9.0f%% %9.0f\n", b, label,
+                   r.prefill_tps, r.decode_tps, r.step_ms, gbs, 100 * gbs * 1e9 / bw, r.rss_mb);
             fflush(stdout);
         }
     }
