@@ -12,11 +12,14 @@
 #include "xp_error.h"
 
 #include <cjson/cJSON.h>
+#include <errno.h>
 #include <getopt.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 typedef struct {
     const char *base, *tuned, *out, *report;
@@ -30,8 +33,58 @@ typedef struct {
     xp_module mod;
     int64_t rows, cols;
     double base_norm, seconds;
-    xp_extract_result r;
+    xp_extract_result r; /* r.A, r.B moved to the spill file once written there */
+    uint64_t off_a, off_b;
 } xp_mod_done;
+
+/* The BF16 factors go to an unlinked scratch file in the output directory as each module is
+ * done and come back as one read-only mapping for the writer, so the adapter of a large model
+ * (4.3 GB for Qwen3-32B at rank 256) never has to sit in anonymous memory. */
+typedef struct {
+    FILE *fp;
+    uint64_t size;
+    void *map;
+} xp_spill;
+
+static int xp_spill_open(xp_spill *sp, const char *dir)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/.xprec-extract-XXXXXX", dir);
+    int fd = mkstemp(path);
+    if (fd < 0) return xp_fail("%s: %s", path, strerror(errno));
+    unlink(path);
+    sp->fp = fdopen(fd, "w+b");
+    if (!sp->fp) {
+        close(fd);
+        return xp_fail("%s: %s", path, strerror(errno));
+    }
+    return 0;
+}
+
+static int xp_spill_put(xp_spill *sp, const uint16_t *x, size_t n, uint64_t *off)
+{
+    *off = sp->size;
+    if (fwrite(x, 2, n, sp->fp) != n) return xp_fail("writing the scratch file failed");
+    sp->size += (uint64_t)n * 2;
+    return 0;
+}
+
+static int xp_spill_map(xp_spill *sp)
+{
+    if (fflush(sp->fp) != 0) return xp_fail("writing the scratch file failed");
+    sp->map = mmap(NULL, sp->size, PROT_READ, MAP_SHARED, fileno(sp->fp), 0);
+    if (sp->map == MAP_FAILED) {
+        sp->map = NULL;
+        return xp_fail("mapping the scratch file: %s", strerror(errno));
+    }
+    return 0;
+}
+
+static void xp_spill_close(xp_spill *sp)
+{
+    if (sp->map) munmap(sp->map, sp->size);
+    if (sp->fp) fclose(sp->fp);
+}
 
 /* A tensor the adapter cannot carry that the fine-tune changed. */
 typedef struct {
@@ -349,6 +402,7 @@ static int xp_extract(const xp_extract_args *a)
     xp_lora_save *save = NULL;
     float *wb = NULL, *wt = NULL;
     size_t n = 0, ndrop = 0;
+    xp_spill sp = {0};
     int rc = -1;
     double t0 = xp_now();
     if (xp_ckpt_open(a->base, &base) < 0 || xp_ckpt_open(a->tuned, &tuned) < 0) goto done;
@@ -371,6 +425,7 @@ static int xp_extract(const xp_extract_args *a)
         if ((size_t)(o * i) > maxel) maxel = (size_t)(o * i);
         if (a->targets & (1u << m)) bytes += (uint64_t)(o * i) * 2 * cfg->num_hidden_layers;
     }
+    if (xp_mkdir(a->out) < 0 || xp_spill_open(&sp, a->out) < 0) goto done;
     mods = calloc(total, sizeof *mods);
     wb = malloc(maxel * sizeof *wb);
     wt = malloc(maxel * sizeof *wt);
@@ -411,6 +466,13 @@ static int xp_extract(const xp_extract_args *a)
             }
             d->seconds = xp_now() - ts;
             n++;
+            int64_t rk = d->r.rank;
+            if (rk && (xp_spill_put(&sp, d->r.A, (size_t)(rk * b.cols), &d->off_a) < 0 ||
+                       xp_spill_put(&sp, d->r.B, (size_t)(b.rows * rk), &d->off_b) < 0))
+                goto done;
+            free(d->r.A);
+            free(d->r.B);
+            d->r.A = d->r.B = NULL;
             done_bytes += (uint64_t)el * 2;
             xp_progress_update(&pr, n, done_bytes, path);
         }
@@ -425,18 +487,21 @@ static int xp_extract(const xp_extract_args *a)
         goto done;
     }
     size_t ns = 0;
+    if (sp.size && xp_spill_map(&sp) < 0) goto done;
+    const char *fac = sp.map;
     for (size_t i = 0; i < n; i++) {
         if (mods[i].r.rank == 0) continue;
         save[ns++] = (xp_lora_save){.layer = mods[i].layer, .mod = mods[i].mod,
                                     .rank = mods[i].r.rank, .alpha = mods[i].r.rank,
                                     .in = mods[i].cols, .out = mods[i].rows,
-                                    .A = mods[i].r.A, .B = mods[i].r.B};
+                                    .A = (const uint16_t *)(fac + mods[i].off_a),
+                                    .B = (const uint16_t *)(fac + mods[i].off_b)};
     }
     if (ns == 0) {
         xp_fail("the fine-tune equals the base in every targeted module: nothing to extract");
         goto done;
     }
-    if (xp_mkdir(a->out) < 0 || xp_peft_save(a->out, a->base, save, ns, 0) < 0) goto done;
+    if (xp_peft_save(a->out, a->base, save, ns, 0) < 0) goto done;
     double seconds = xp_now() - t0;
     if (a->report && xp_write_report(a, method, mods, n, drop, ndrop, seconds) < 0) goto done;
     xp_print_summary(a, method, mods, n, drop, ndrop, seconds);
@@ -445,6 +510,7 @@ done:
     for (size_t i = 0; i < n; i++) xp_extract_result_free(&mods[i].r);
     free(mods);
     free(save);
+    xp_spill_close(&sp);
     free(drop);
     free(wb);
     free(wt);

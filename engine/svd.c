@@ -83,24 +83,23 @@ int xp_orthonormalize(float *y, int64_t rows, int cols)
 }
 
 /* Thin SVD of the column-major rows x cols matrix x (destroyed): u [rows, mn] and vt [mn, cols]
- * column-major. sgesdd first; the slower but more robust sgesvd if it does not converge. */
-static int xp_thin_svd(float *x, int64_t rows, int64_t cols, float *s, float *u, float *vt)
+ * column-major. sgesdd first; the slower but more robust sgesvd if it does not converge, on x
+ * restored from orig (the caller's own copy of x, so a 500 MB input is not copied twice). */
+static int xp_thin_svd(float *x, const float *orig, int64_t rows, int64_t cols, float *s, float *u,
+                       float *vt)
 {
     int64_t mn = rows < cols ? rows : cols;
-    float *copy = malloc((size_t)(rows * cols) * sizeof *copy);
-    if (!copy) return xp_fail("out of memory");
-    memcpy(copy, x, (size_t)(rows * cols) * sizeof *copy);
     lapack_int info = LAPACKE_sgesdd(LAPACK_COL_MAJOR, 'S', (lapack_int)rows, (lapack_int)cols, x,
                                      (lapack_int)rows, s, u, (lapack_int)rows, vt, (lapack_int)mn);
     if (info > 0) {
         float *superb = malloc((size_t)mn * sizeof *superb);
+        memcpy(x, orig, (size_t)(rows * cols) * sizeof *x);
         info = superb ? LAPACKE_sgesvd(LAPACK_COL_MAJOR, 'S', 'S', (lapack_int)rows,
-                                       (lapack_int)cols, copy, (lapack_int)rows, s, u,
+                                       (lapack_int)cols, x, (lapack_int)rows, s, u,
                                        (lapack_int)rows, vt, (lapack_int)mn, superb)
                       : -1000;
         free(superb);
     }
-    free(copy);
     if (info != 0)
         return xp_fail("SVD of a %lldx%lld matrix failed (LAPACK info %d)", (long long)rows,
                        (long long)cols, (int)info);
@@ -120,7 +119,7 @@ static int xp_svd_exact(const float *a, int64_t m, int64_t n, int k, xp_svd_resu
         goto done;
     }
     memcpy(x, a, (size_t)(m * n) * sizeof *x);
-    if (xp_thin_svd(x, n, m, s, ux, vtx) < 0) goto done;
+    if (xp_thin_svd(x, a, n, m, s, ux, vtx) < 0) goto done;
     r->u = malloc((size_t)(m * k) * sizeof *r->u);
     if (!r->u) {
         xp_fail("out of memory");
@@ -164,9 +163,9 @@ static int xp_svd_randomized(const float *a, int64_t m, int64_t n, int k, const 
     int l = (int)((int64_t)k + o->oversample < mn ? k + o->oversample : mn);
     float *y = malloc((size_t)(m * l) * sizeof *y), *z = malloc((size_t)(n * l) * sizeof *z);
     float *uz = malloc((size_t)(n * l) * sizeof *uz), *vtz = malloc((size_t)l * l * sizeof *vtz);
-    float *s = malloc((size_t)l * sizeof *s);
+    float *s = malloc((size_t)l * sizeof *s), *zc = malloc((size_t)(n * l) * sizeof *zc);
     int rc = -1;
-    if (!y || !z || !uz || !vtz || !s) {
+    if (!y || !z || !uz || !vtz || !s || !zc) {
         xp_fail("out of memory");
         goto done;
     }
@@ -185,7 +184,8 @@ static int xp_svd_randomized(const float *a, int64_t m, int64_t n, int k, const 
     }
     /* A ~ Q Q^T A and (Q^T A)^T = A^T Q = Z = Uz S Vz^T, so A ~ (Q Vz) S Uz^T */
     xp_mul_at(a, m, n, l, y, z);
-    if (xp_thin_svd(z, n, l, s, uz, vtz) < 0) goto done;
+    memcpy(zc, z, (size_t)(n * l) * sizeof *zc);
+    if (xp_thin_svd(z, zc, n, l, s, uz, vtz) < 0) goto done;
     r->u = malloc((size_t)(m * k) * sizeof *r->u);
     if (!r->u) {
         xp_fail("out of memory");
@@ -211,6 +211,7 @@ done:
     free(uz);
     free(vtz);
     free(s);
+    free(zc);
     return rc;
 }
 
