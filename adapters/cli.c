@@ -64,6 +64,13 @@ void xp_progress_update(xp_progress *p, size_t done_items, uint64_t done_bytes,
     if (now - p->last < 0.2 && done_items < p->items) return;
     p->last = now;
     double el = now - p->t0, mbs = el > 0 ? (double)done_bytes / el / 1e6 : 0;
+    if (!p->bytes) { /* counting steps, not bytes */
+        double left = done_items ? el * (double)(p->items - done_items) / (double)done_items : 0;
+        fprintf(stderr, "\r\033[K%s: %zu/%zu, %.0f s left  %.60s", p->label, done_items, p->items,
+                left, current ? current : "");
+        fflush(stderr);
+        return;
+    }
     double left = done_bytes && p->bytes > done_bytes
                       ? el * (double)(p->bytes - done_bytes) / (double)done_bytes
                       : 0;
@@ -76,6 +83,10 @@ void xp_progress_end(xp_progress *p)
 {
     if (!p->tty) return;
     double el = xp_now() - p->t0;
+    if (!p->bytes) {
+        fprintf(stderr, "\r\033[K%s: %zu done in %.1f s\n", p->label, p->items, el);
+        return;
+    }
     fprintf(stderr, "\r\033[K%s: %zu tensors, %.1f MB in %.1f s (%.0f MB/s)\n", p->label, p->items,
             (double)p->bytes / 1e6, el, el > 0 ? (double)p->bytes / el / 1e6 : 0);
 }

@@ -20,6 +20,7 @@ typedef struct {
     double t0, last;
 } xp_progress;
 
+/* bytes 0: count items only (no rate). */
 void xp_progress_begin(xp_progress *p, const char *label, size_t items, uint64_t bytes);
 /* done_items finished, done_bytes processed so far; current is the item's name. */
 void xp_progress_update(xp_progress *p, size_t done_items, uint64_t done_bytes,

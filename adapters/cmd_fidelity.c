@@ -464,7 +464,7 @@ int xp_cmd_fidelity(int argc, char **argv)
     rows[nrows++] = (xp_fid_row){.method = "ctrl BF16", .what = "BF16 base, no adapter", .rank = 0, .model = a.base, .adapter = NULL};
     const char *models[4] = {a.quant, a.base, tuned_fp8, NULL};
     xp_progress pr;
-    xp_progress_begin(&pr, "fidelity", (size_t)nrows, (uint64_t)nrows);
+    xp_progress_begin(&pr, "fidelity", (size_t)nrows, 0);
     int done = 0;
     for (int mi = 0; models[mi]; mi++) {
         if (xp_fid_open(&f, models[mi], maxlen, a.threads) < 0) goto fail;
@@ -478,7 +478,7 @@ int xp_cmd_fidelity(int argc, char **argv)
             xp_lora_free(&lw);
             if (e < 0) goto fail;
             done++;
-            xp_progress_update(&pr, (size_t)done, (uint64_t)done, rows[r].what);
+            xp_progress_update(&pr, (size_t)done, 0, rows[r].what);
         }
         xp_fid_close(&f);
     }
