@@ -94,3 +94,4 @@ clean:
 	rm -rf $(BUILD)/obj $(BUILD)/san $(BUILD)/lib $(BUILD)/bin $(BUILD)/tests
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+-include cuda.mk

@@ -46,7 +46,8 @@ static void xp_generate_usage(FILE *fp)
             "usage: xprec generate --model DIR [--adapter NAME=DIR ...] [--use NAME]\n"
             "                      (--prompt TEXT | --chat JSON) [--max-tokens N]\n"
             "                      [--temperature T] [--top-p P] [--top-k K] [--seed S]\n"
-            "                      [--stop STRING ...] [--threads N] [--kv-mb N]\n\n"
+            "                      [--stop STRING ...] [--threads N] [--kv-mb N]\n"
+            "                      [--backend cpu|cuda|auto]\n\n"
             "Streams the reply to stdout; usage and the finish reason go to stderr.\n"
             "--chat takes [{\"role\":\"user\",\"content\":\"...\"}] and renders Qwen3 ChatML\n"
             "with thinking off; --prompt is sent as it is.\n");
@@ -62,8 +63,9 @@ int xp_cmd_generate(int argc, char **argv)
         {"top-k", required_argument, 0, 'k'},       {"seed", required_argument, 0, 's'},
         {"stop", required_argument, 0, 'S'},        {"threads", required_argument, 0, 'j'},
         {"kv-mb", required_argument, 0, 'K'},       {"help", no_argument, 0, 'h'},
+        {"backend", required_argument, 0, 'B'},
         {0, 0, 0, 0}};
-    const char *model = NULL, *use = NULL, *prompt = NULL, *chat = NULL;
+    const char *model = NULL, *use = NULL, *prompt = NULL, *chat = NULL, *backend = NULL;
     char *adapters[XP_MAX_ADAPTER_ARGS];
     const char *stops[XP_MAX_STOP_ARGS];
     int nad = 0, nstop = 0, c;
@@ -112,6 +114,7 @@ int xp_cmd_generate(int argc, char **argv)
         case 'K':
             if (xp_arg_long("generate", "--kv-mb", optarg, 1, 1 << 20, &kv_mb) < 0) return 2;
             break;
+        case 'B': backend = optarg; break;
         case 'h': xp_generate_usage(stdout); return 0;
         default: xp_generate_usage(stderr); return 2;
         }
@@ -121,7 +124,7 @@ int xp_cmd_generate(int argc, char **argv)
         return 2;
     }
     xp_engine_opts eo = {.threads = (int)threads, .kv_bytes = (size_t)kv_mb << 20, .max_batch = 1,
-                         .max_adapters = nad > 0 ? nad : 1};
+                         .max_adapters = nad > 0 ? nad : 1, .backend = backend};
     xp_engine *e = NULL;
     xp_queue *q = NULL;
     cJSON *chat_root = NULL;

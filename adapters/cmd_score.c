@@ -1,5 +1,6 @@
 /* xprec score: logits of every position of one sequence as a float32 .npy [positions, vocab],
  * the hook for parity checks against other implementations. */
+#include "backend.h"
 #include "cli.h"
 #include "commands.h"
 #include "forward.h"
@@ -42,12 +43,13 @@ static int xp_parse_ids(const char *s, int32_t **ids, size_t *n)
 }
 
 static int xp_score(const char *model_dir, const char *adapter, const int32_t *ids, size_t n,
-                    const char *out, int threads)
+                    const char *out, int threads, const char *backend)
 {
+    const xp_backend *be = &xp_backend_cpu;
     xp_model *m = NULL;
     xp_lora_weights lw = {0};
     xp_kv_cache kv = {0};
-    xp_runtime *rt = NULL;
+    void *rt = NULL;
     float *logits = NULL;
     FILE *fp = NULL;
     int32_t *table = NULL, *pos = NULL, *rows = NULL;
@@ -64,7 +66,21 @@ static int xp_score(const char *model_dir, const char *adapter, const int32_t *i
                    (size_t)nb * xp_kv_bytes_per_block(m->cfg.num_hidden_layers, kvd)) < 0)
         goto done;
     int chunk = n < XP_SCORE_CHUNK ? (int)n : XP_SCORE_CHUNK;
-    if (!(rt = xp_runtime_create(m, &kv, threads, chunk, (int)n))) goto done;
+    if (backend && strcmp(backend, "cpu") != 0) {
+        if (strcmp(backend, "cuda") != 0 && strcmp(backend, "auto") != 0) {
+            xp_fail("unknown backend \"%s\" (cpu, cuda or auto)", backend);
+            goto done;
+        }
+        be = xp_backend_cuda();
+        if (!be && strcmp(backend, "cuda") == 0) {
+            xp_fail("this build has no CUDA backend (build with make CUDA=1)");
+            goto done;
+        }
+        if (be && !(rt = be->create(m, &kv, threads, chunk, (int)n)) && strcmp(backend, "cuda") == 0)
+            goto done;
+        if (!rt) be = &xp_backend_cpu; /* auto: no usable GPU */
+    }
+    if (!rt && !(rt = be->create(m, &kv, threads, chunk, (int)n))) goto done;
     table = malloc((size_t)nb * sizeof *table);
     pos = malloc((size_t)chunk * sizeof *pos);
     rows = malloc((size_t)chunk * sizeof *rows);
@@ -84,7 +100,7 @@ static int xp_score(const char *model_dir, const char *adapter, const int32_t *i
         }
         xp_row_group g = {0, c, adapter ? &lw : NULL};
         xp_batch b = {c, ids + start, pos, tables, 1, &g, c, rows, logits};
-        if (xp_forward(rt, &b) < 0 ||
+        if (be->forward(rt, &b) < 0 ||
             xp_npy_append(fp, logits, (size_t)c * (size_t)m->cfg.vocab_size) < 0)
             goto done;
     }
@@ -96,7 +112,7 @@ done:
     free(rows);
     free(tables);
     free(logits);
-    xp_runtime_destroy(rt);
+    if (rt) be->destroy(rt);
     xp_kv_free(&kv);
     xp_lora_free(&lw);
     xp_model_free(m);
@@ -106,7 +122,7 @@ done:
 static void xp_score_usage(FILE *fp)
 {
     fprintf(fp, "usage: xprec score --model DIR [--adapter DIR] (--text TEXT | --tokens 1,2,3)\n"
-                "                   --out FILE.npy [--threads N]\n\n"
+                "                   --out FILE.npy [--threads N] [--backend cpu|cuda|auto]\n\n"
                 "Writes the logits of every position as a float32 .npy [positions, vocab].\n");
 }
 
@@ -116,8 +132,10 @@ int xp_cmd_score(int argc, char **argv)
         {"model", required_argument, 0, 'm'},   {"adapter", required_argument, 0, 'a'},
         {"text", required_argument, 0, 't'},    {"tokens", required_argument, 0, 'k'},
         {"out", required_argument, 0, 'o'},     {"threads", required_argument, 0, 'j'},
-        {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
+        {"help", no_argument, 0, 'h'},          {"backend", required_argument, 0, 'B'},
+        {0, 0, 0, 0}};
     const char *model = NULL, *adapter = NULL, *text = NULL, *tokens = NULL, *out = NULL;
+    const char *backend = NULL;
     long threads = 0;
     int c;
     optind = 1;
@@ -131,6 +149,7 @@ int xp_cmd_score(int argc, char **argv)
         case 'j':
             if (xp_arg_long("score", "--threads", optarg, 1, 1024, &threads) < 0) return 2;
             break;
+        case 'B': backend = optarg; break;
         case 'h': xp_score_usage(stdout); return 0;
         default: xp_score_usage(stderr); return 2;
         }
@@ -150,7 +169,8 @@ int xp_cmd_score(int argc, char **argv)
         xp_tokenizer_free(tk);
         if (rc == 0 && n == 0) rc = xp_fail("--text encodes to no tokens");
     }
-    if (rc == 0) rc = xp_score(model, adapter, ids, n, out, threads ? (int)threads : xp_cpu_count());
+    if (rc == 0)
+        rc = xp_score(model, adapter, ids, n, out, threads ? (int)threads : xp_cpu_count(), backend);
     free(ids);
     if (rc < 0) {
         fprintf(stderr, "xprec score: %s\n", xp_last_error());

@@ -68,8 +68,10 @@ int xp_engine_add_adapter(xp_engine *e, const char *name, const char *dir)
     return 0;
 }
 
-static void xp_adapter_destroy(xp_adapter *a)
+static void xp_adapter_destroy(xp_engine *e, xp_adapter *a)
 {
+    /* a device backend may hold a copy keyed by this address */
+    if (a->resident && e->rt && e->be->forget_adapter) e->be->forget_adapter(e->rt, &a->w);
     xp_lora_free(&a->w);
     free(a->name);
     free(a->dir);
@@ -83,7 +85,7 @@ static void xp_adapters_collect(xp_engine *e)
         xp_adapter *a = *p;
         if (a->removed && a->holds == 0) {
             *p = a->next;
-            xp_adapter_destroy(a);
+            xp_adapter_destroy(e, a);
         } else {
             p = &a->next;
         }
@@ -161,7 +163,7 @@ void xp_adapters_free(xp_engine *e)
 {
     for (xp_adapter *a = e->adapters, *next; a; a = next) {
         next = a->next;
-        xp_adapter_destroy(a);
+        xp_adapter_destroy(e, a);
     }
     e->adapters = NULL;
 }

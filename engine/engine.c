@@ -519,7 +519,9 @@ xp_engine *xp_engine_create(const char *model_dir, const xp_engine_opts *opts)
     e->context = g->max_position_embeddings;
     if (e->context > e->kv.n_blocks * XP_KV_BLOCK) e->context = e->kv.n_blocks * XP_KV_BLOCK;
     int rows = e->o.prefill_chunk, mb = e->o.max_batch;
-    const char *want = e->o.backend ? e->o.backend : "cpu";
+    /* XPREC_BACKEND picks the backend for callers that do not (tests, tools) */
+    const char *want = e->o.backend ? e->o.backend : getenv("XPREC_BACKEND");
+    if (!want || !*want) want = "cpu";
     if (strcmp(want, "cpu") == 0) {
         e->be = &xp_backend_cpu;
     } else if (strcmp(want, "cuda") == 0 || strcmp(want, "auto") == 0) {
