@@ -27,7 +27,8 @@ static void xp_tokenize_usage(FILE *fp)
           "  --decode      print {\"ids\": [...], \"text\": \"...\"} with the text decoded back\n"
           "  --stream      with --decode, add \"chunks\": what the streaming decoder emits for\n"
           "                each id in turn and at the end (whole UTF-8 characters only)\n"
-          "  --no-special  encode special tokens written in the text as plain text\n"
+          "  --no-special  encode special tokens written in the text as plain text (not with\n"
+          "                --chat)\n"
           "  --info        print the vocabulary size and the stop token ids, then exit\n",
           fp);
 }
@@ -82,6 +83,11 @@ static int xp_print_result(const xp_tk_opts *o, const int32_t *ids, size_t n)
         for (size_t i = 0; i <= n; i++) {
             size_t k;
             const char *piece = i < n ? xp_detok_push(&d, ids[i], &k) : xp_detok_flush(&d, &k);
+            if (!piece) { /* out of memory: end the broken line */
+                putchar('\n');
+                xp_detok_free(&d);
+                return -1;
+            }
             if (i) putchar(',');
             xp_put_json_string(piece, k);
         }
@@ -142,8 +148,9 @@ static int xp_jsonl_line(const xp_tk_opts *o, const char *line, size_t len)
         int32_t *ids = malloc((n + 1) * sizeof *ids);
         if (!ids) rc = xp_fail("out of memory");
         for (const cJSON *e = v->child; e && !rc; e = e->next) {
-            if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > INT32_MAX)
-                rc = xp_fail("expected a list of token ids");
+            if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > INT32_MAX ||
+                e->valuedouble != (double)e->valueint)
+                rc = xp_fail("expected a list of token ids (integers from 0)");
             else
                 ids[i++] = e->valueint;
         }
@@ -220,7 +227,9 @@ int xp_cmd_tokenize(int argc, char **argv)
         }
     }
     int inputs = (text != NULL) + (chat != NULL) + (jsonl != NULL);
-    if (!model || optind != argc || (info ? inputs != 0 : inputs != 1) || (o.stream && !o.decode)) {
+    /* a chat prompt needs its special tokens */
+    if (!model || optind != argc || (info ? inputs != 0 : inputs != 1) || (o.stream && !o.decode) ||
+        (chat && !o.allow_special)) {
         xp_tokenize_usage(stderr);
         return 2;
     }

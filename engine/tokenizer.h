@@ -15,8 +15,9 @@
 
 typedef struct xp_tokenizer xp_tokenizer;
 
-/* Loads DIR/tokenizer.json, DIR/tokenizer_config.json and, when present, DIR/generation_config.json.
- * Unsupported normalizers, pre-tokenizers, models or decoders are refused. NULL + xp_last_error(). */
+/* Loads DIR/tokenizer.json, DIR/tokenizer_config.json and, when present,
+ * DIR/generation_config.json. Unsupported normalizers, pre-tokenizers, models or decoders are
+ * refused. NULL + xp_last_error(). */
 xp_tokenizer *xp_tokenizer_load(const char *dir);
 void xp_tokenizer_free(xp_tokenizer *t);
 
@@ -38,7 +39,8 @@ int xp_tokenizer_encode(const xp_tokenizer *t, const char *text, size_t len, int
                         int32_t **ids, size_t *n);
 
 /* Decodes ids into a malloc'd NUL-terminated string (its byte length in *len if len != NULL).
- * Unassigned ids are refused. */
+ * Ids without a token (a model's padding rows, negative ids) decode to nothing, as in the
+ * reference. NULL only when out of memory. */
 char *xp_tokenizer_decode(const xp_tokenizer *t, const int32_t *ids, size_t n, size_t *len);
 
 /* Streaming decoder: feed ids one at a time and get back only whole UTF-8 characters, so text
@@ -56,8 +58,8 @@ typedef struct {
 } xp_detok;
 
 void xp_detok_init(xp_detok *d, const xp_tokenizer *t);
-/* Text completed by this id (len may be 0); valid until the next call. NULL + error on an
- * unassigned id. */
+/* Text completed by this id (len may be 0); valid until the next call. NULL only when out of
+ * memory. */
 const char *xp_detok_push(xp_detok *d, int32_t id, size_t *len);
 /* Text left at the end of the sequence (U+FFFD for a truncated character); resets the state. */
 const char *xp_detok_flush(xp_detok *d, size_t *len);

@@ -124,16 +124,15 @@ const char *xp_detok_push(xp_detok *d, int32_t id, size_t *len)
 {
     const xp_tokenizer *t = d->tok;
     *len = 0;
-    if (id < 0 || id >= t->n_ids || t->tok_kind[id] == XP_TOK_NONE) {
-        xp_fail("token id %d is not in the vocabulary", id);
-        return NULL;
-    }
-    const char *s = t->arena + t->tok_off[id];
-    size_t n = t->tok_len[id], o = 0;
+    /* an id without a token (say, one of a model's padding rows) is text-less, as in the
+     * reference: it does not even end a pending character */
+    int known = id >= 0 && id < t->n_ids && t->tok_kind[id] != XP_TOK_NONE;
+    size_t n = known ? t->tok_len[id] : 0, o = 0;
     if (xp_detok_reserve(d, 6 * n + 8)) return NULL;
-    if (t->tok_kind[id] == XP_TOK_BPE) {
+    const char *s = known ? t->arena + t->tok_off[id] : "";
+    if (known && t->tok_kind[id] == XP_TOK_BPE) {
         for (size_t i = 0; i < n; i++) o += xp_decode_byte(d, (uint8_t)s[i], d->buf + o);
-    } else {
+    } else if (known) {
         o = xp_end_char(d, d->buf);
         memcpy(d->buf + o, s, n);
         o += n;

@@ -532,9 +532,10 @@ int xp_tokenizer_encode(const xp_tokenizer *t, const char *text, size_t len, int
     int rc = 0;
     if (t->split_re && !(e.md = pcre2_match_data_create_from_pattern(t->split_re, NULL)))
         rc = xp_fail("out of memory");
-    /* allocated up front, so an empty text still gives a freeable array */
-    if (!rc && !(e.out.p = malloc((e.out.cap = 64) * sizeof *e.out.p)))
-        rc = xp_fail("out of memory");
+    /* allocated up front, so an empty text still gives a freeable array; text runs to about
+     * 4 bytes a token, so this rarely has to grow (and copy) */
+    e.out.cap = len / 3 + 64;
+    if (!rc && !(e.out.p = malloc(e.out.cap * sizeof *e.out.p))) rc = xp_fail("out of memory");
     for (size_t i = 0; i < k && !rc; i++)
         rc = sec[i].added ? xp_ids_push(&e.out, &sec[i].added->id, 1)
                           : xp_encode_text(&e, text + sec[i].start, sec[i].len);

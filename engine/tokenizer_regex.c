@@ -1,6 +1,8 @@
 /* The pre-tokenizer regex: tokenizer.json patterns are written for Rust's regex crate, and the
  * reference runs them as JavaScript RegExp(pattern, "u"). PCRE2 (UTF + UCP) matches the same
- * language, backtracking the same way, once two differences are rewritten away:
+ * language, backtracking the same way, once two differences are rewritten away (a third remains:
+ * \p{L} and \p{N} follow each library's Unicode tables, so letters and digits assigned after
+ * PCRE2's Unicode version, 14.0 for Debian 12's 10.42, can split differently):
  *   - \s: PCRE2 counts U+0085 and U+180E as space, JavaScript counts U+FEFF instead, so \s and \S
  *     become explicit classes of JavaScript's white space;
  *   - (?i:...): JavaScript has no inline flags, so the reference spells Qwen's case-insensitive
@@ -134,7 +136,8 @@ pcre2_code *xp_tok_compile_regex(const char *pattern)
     }
     int err;
     PCRE2_SIZE off;
-    pcre2_code *re = pcre2_compile((PCRE2_SPTR)out.p, out.n, PCRE2_UTF | PCRE2_UCP, &err, &off, NULL);
+    pcre2_code *re =
+        pcre2_compile((PCRE2_SPTR)out.p, out.n, PCRE2_UTF | PCRE2_UCP, &err, &off, NULL);
     if (!re) {
         PCRE2_UCHAR msg[256];
         pcre2_get_error_message(err, msg, sizeof msg);
