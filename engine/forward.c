@@ -19,7 +19,8 @@ struct xp_runtime {
     int threads, max_rows, max_ctx;
     float **scratch; /* per thread, for the linear kernels */
     float **att_scratch; /* per thread, attention scores */
-    float *x, *h, *q, *k, *v, *att, *gate, *up, *lora_tmp, *out;
+    float **lora_tmp; /* per thread: rank + widest output */
+    float *x, *h, *q, *k, *v, *att, *gate, *up, *out;
 };
 
 xp_pool *xp_runtime_pool(xp_runtime *rt)
@@ -50,8 +51,10 @@ xp_runtime *xp_runtime_create(const xp_model *m, xp_kv_cache *kv, int threads, i
         maxc = (int64_t)g->num_attention_heads * g->head_dim;
     rt->scratch = calloc((size_t)rt->threads, sizeof *rt->scratch);
     rt->att_scratch = calloc((size_t)rt->threads, sizeof *rt->att_scratch);
-    if (!rt->scratch || !rt->att_scratch) goto oom;
+    rt->lora_tmp = calloc((size_t)rt->threads, sizeof *rt->lora_tmp);
+    if (!rt->scratch || !rt->att_scratch || !rt->lora_tmp) goto oom;
     for (int t = 0; t < rt->threads; t++) {
+        if (!(rt->lora_tmp[t] = xp_falloc(XP_MAX_LORA_RANK + (size_t)maxc))) goto oom;
         rt->scratch[t] = xp_falloc(xp_linear_scratch_floats(maxc));
         rt->att_scratch[t] = xp_falloc((size_t)max_ctx);
         if (!rt->scratch[t] || !rt->att_scratch[t]) goto oom;
@@ -66,11 +69,11 @@ xp_runtime *xp_runtime_create(const xp_model *m, xp_kv_cache *kv, int threads, i
     rt->att = xp_falloc(n * qd);
     rt->gate = xp_falloc(n * (size_t)g->intermediate_size);
     rt->up = xp_falloc(n * (size_t)g->intermediate_size);
-    rt->lora_tmp = xp_falloc(n * XP_MAX_LORA_RANK);
+
     rt->out = xp_falloc(n * (size_t)(g->hidden_size > g->intermediate_size ? g->hidden_size
                                                                            : g->intermediate_size));
     if (!rt->x || !rt->h || !rt->q || !rt->k || !rt->v || !rt->att || !rt->gate || !rt->up ||
-        !rt->lora_tmp || !rt->out)
+        !rt->out)
         goto oom;
     return rt;
 oom:
@@ -96,6 +99,7 @@ void xp_runtime_destroy(xp_runtime *rt)
     free(rt->att);
     free(rt->gate);
     free(rt->up);
+    for (int t = 0; rt->lora_tmp && t < rt->threads; t++) free(rt->lora_tmp[t]);
     free(rt->lora_tmp);
     free(rt->out);
     xp_pool_destroy(rt->pool);
@@ -123,26 +127,51 @@ static void xp_rope(float *v, int d, int pos, const float *inv_freq)
     }
 }
 
+typedef struct {
+    xp_runtime *rt;
+    const xp_batch *b;
+    int layer;
+    xp_module mod;
+    const float *h;
+    float *out;
+    int in, od;
+} xp_lora_job;
+
+/* One row's update out += B (scale A h), for the row's adapter. */
+static void xp_lora_task(void *ctx, int row, int thread)
+{
+    const xp_lora_job *j = ctx;
+    const xp_row_group *g = j->b->groups;
+    while (row >= g->row0 + g->nrows) g++;
+    const xp_lora_mat *lm = g->lora ? xp_lora_get(g->lora, j->layer, j->mod) : NULL;
+    if (!lm) return;
+    const float *hi = j->h + (size_t)row * j->in;
+    float *t = j->rt->lora_tmp[thread], *acc = t + XP_MAX_LORA_RANK;
+    float *oi = j->out + (size_t)row * j->od;
+    /* shrink t = scale A h; expand acc = sum_k t[k] Bt[k, :] in k order, added once: each
+     * output element sees the same operations whatever else is in the batch */
+    for (int k = 0; k < lm->rank; k++) t[k] = lm->scale * xp_dot(lm->A + (size_t)k * j->in, hi, j->in);
+    memset(acc, 0, (size_t)j->od * sizeof *acc);
+    for (int k = 0; k < lm->rank; k++) {
+        const float *bk = lm->Bt + (size_t)k * j->od;
+        float tk = t[k];
+        for (int o = 0; o < j->od; o++) acc[o] += tk * bk[o];
+    }
+    for (int o = 0; o < j->od; o++) oi[o] += acc[o];
+}
+
 /* out[n, out_dim] = h W^T, plus each adapter's scale * (h A^T) B^T on its rows. */
 static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_module mod,
                            const float *h, float *out)
 {
     const xp_linear *l = &rt->m->layers[layer].lin[mod];
     xp_linear_forward(rt->pool, rt->scratch, l, h, b->n, out);
-    int in = (int)l->cols, od = (int)l->rows;
-    for (int gi = 0; gi < b->n_groups; gi++) {
-        const xp_row_group *g = &b->groups[gi];
-        const xp_lora_mat *lm = g->lora ? xp_lora_get(g->lora, layer, mod) : NULL;
-        if (!lm || g->nrows == 0) continue;
-        /* shrink: t = A h; expand: out += scale * B t — row by row with the same dot products
-         * whatever the group holds, so results stay batch-invariant */
-        for (int i = g->row0; i < g->row0 + g->nrows; i++) {
-            const float *hi = h + (size_t)i * in;
-            float *t = rt->lora_tmp, *oi = out + (size_t)i * od;
-            for (int k = 0; k < lm->rank; k++) t[k] = xp_dot(lm->A + (size_t)k * in, hi, in);
-            for (int o = 0; o < od; o++) oi[o] += lm->scale * xp_dot(lm->B + (size_t)o * lm->rank, t, lm->rank);
-        }
-    }
+    int any = 0;
+    for (int gi = 0; gi < b->n_groups && !any; gi++)
+        any = b->groups[gi].lora && b->groups[gi].nrows && xp_lora_get(b->groups[gi].lora, layer, mod);
+    if (!any) return;
+    xp_lora_job j = {rt, b, layer, mod, h, out, (int)l->cols, (int)l->rows};
+    xp_pool_run(rt->pool, b->n, xp_lora_task, &j);
 }
 
 typedef struct {

@@ -36,12 +36,17 @@ int xp_lora_load(const char *dir, const xp_qwen3_config *cfg, xp_lora_weights *o
         m->scale = lm->scale;
         m->A = xp_lora_f32(lm->A);
         m->B = xp_lora_f32(lm->B);
-        if (!m->A || !m->B) {
+        int64_t o = lm->B->shape[0];
+        m->Bt = malloc((size_t)(o * lm->rank) * sizeof *m->Bt);
+        if (!m->A || !m->B || !m->Bt) {
             xp_fail("out of memory");
             goto done;
         }
+        for (int64_t row = 0; row < o; row++)
+            for (int k = 0; k < lm->rank; k++)
+                m->Bt[(size_t)k * (size_t)o + (size_t)row] = m->B[(size_t)row * (size_t)lm->rank + (size_t)k];
         if (m->rank > out->max_rank) out->max_rank = m->rank;
-        out->bytes += (lm->A->nelem + lm->B->nelem) * sizeof(float);
+        out->bytes += (lm->A->nelem + 2 * lm->B->nelem) * sizeof(float);
     }
     rc = 0;
 done:
@@ -55,6 +60,7 @@ void xp_lora_free(xp_lora_weights *w)
     for (int i = 0; w->mods && i < w->n_layers * XP_MOD_COUNT; i++) {
         free(w->mods[i].A);
         free(w->mods[i].B);
+        free(w->mods[i].Bt);
     }
     free(w->mods);
     memset(w, 0, sizeof *w);

@@ -7,8 +7,9 @@
 #define XP_MAX_LORA_RANK 256
 
 typedef struct {
-    float *A; /* [rank, in] */
-    float *B; /* [out, rank] */
+    float *A;  /* [rank, in] */
+    float *B;  /* [out, rank], as stored */
+    float *Bt; /* [rank, out]: the expand runs as rank contiguous axpys over the outputs */
     int rank;
     float scale;
 } xp_lora_mat;
