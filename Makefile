@@ -78,7 +78,7 @@ integration: $(XPREC) $(XPREC_SAN)
 	scripts/run-integration.sh
 
 check: deps
-	$(MAKE) all $(UNITS) $(UNITS_SAN) $(XPREC_SAN)
+	$(MAKE) -j$(shell nproc) all $(UNITS) $(UNITS_SAN) $(XPREC_SAN)
 	$(MAKE) unit unit-san integration
 
 demo: deps $(XPREC)
