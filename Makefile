@@ -27,7 +27,7 @@ XPREC_SAN:= $(BUILD)/san/bin/xprec
 UNITS    := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRC))
 UNITS_SAN:= $(patsubst tests/unit/%.c,$(BUILD)/san/tests/%,$(UNIT_SRC))
 
-.PHONY: all check deps unit unit-san integration demo bench clean format
+.PHONY: all check deps unit unit-san integration fuzz demo bench clean format
 all: $(XPREC) $(LIB)
 
 $(BUILD)/obj/%.o: %.c
@@ -79,7 +79,11 @@ integration: $(XPREC) $(XPREC_SAN)
 
 check: deps
 	$(MAKE) -j$(shell nproc) all $(UNITS) $(UNITS_SAN) $(XPREC_SAN)
-	$(MAKE) unit unit-san integration
+	$(MAKE) unit unit-san integration fuzz
+
+# libFuzzer on the parsers (safetensors, config.json, tokenizer), a short run each
+fuzz:
+	scripts/fuzz.sh $(or $(FUZZ_SECONDS),20)
 
 demo: deps $(XPREC)
 	scripts/demo.sh

@@ -75,14 +75,20 @@ static int xp_seq_prompt(xp_engine *e, const xp_request *r, xp_seq *s)
 
 uint64_t xp_engine_submit(xp_engine *e, const xp_request *r, xp_queue *q)
 {
-    if (!q) return (uint64_t)xp_fail("no event queue"), 0;
+    if (!q) {
+        xp_fail("no event queue");
+        return 0;
+    }
     if (!(r->temperature >= 0) || r->temperature > 100 || r->top_p < 0 || r->top_k < 0 ||
         r->top_k > 1000000) {
         xp_fail("sampling parameters out of range");
         return 0;
     }
     xp_seq *s = calloc(1, sizeof *s);
-    if (!s) return (uint64_t)xp_fail("out of memory"), 0;
+    if (!s) {
+        xp_fail("out of memory");
+        return 0;
+    }
     s->q = q;
     s->samp.temperature = r->temperature;
     s->samp.top_k = r->top_k;

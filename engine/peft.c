@@ -241,6 +241,7 @@ int xp_peft_open(const char *dir, xp_peft **out)
         xp_fail("adapter_config.json is not a JSON object");
         goto fail;
     }
+    if (xp_json_check_unique(root, "adapter_config.json") < 0) goto fail;
     if (xp_peft_parse_config(p, root, &targets, &rank_pat, &alpha_pat) < 0 ||
         xp_st_set_open(dir, "adapter_model", &p->st) < 0 ||
         xp_peft_collect(p, targets, rank_pat, alpha_pat) < 0)

@@ -11,6 +11,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* JSON allows a key twice; Python's json keeps the last, cJSON finds the first. Rather than
+ * read a different model than transformers would, refuse it. Recurses into objects. */
+int xp_json_check_unique(const cJSON *obj, const char *what)
+{
+    for (const cJSON *a = obj ? obj->child : NULL; a; a = a->next) {
+        if (a->string)
+            for (const cJSON *b = a->next; b; b = b->next)
+                if (b->string && strcmp(a->string, b->string) == 0)
+                    return xp_fail("%s: key \"%.100s\" appears twice", what, a->string);
+        if ((cJSON_IsObject(a) || cJSON_IsArray(a)) && xp_json_check_unique(a, what) < 0) return -1;
+    }
+    return 0;
+}
+
 static int xp_cfg_int(const cJSON *root, const char *key, int min, int *out)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
@@ -131,6 +145,7 @@ int xp_qwen3_config_parse(const char *json, xp_qwen3_config *c, xp_quant_config 
         return xp_fail("config.json: not a JSON object");
     }
     int rc = -1;
+    if (xp_json_check_unique(root, "config.json") < 0) goto out;
     const char *mt = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(root, "model_type"));
     if (mt && strcmp(mt, "qwen3") != 0) {
         xp_fail("config.json: model_type \"%s\" is not qwen3", mt);

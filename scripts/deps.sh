@@ -11,7 +11,7 @@ DEBS=(
     libopenblas-dev liblapacke-dev libcmocka-dev
     python3-pytest python3-numpy
     nginx-dev nginx-light redis-server
-    nodejs npm gnuplot-nox
+    nodejs npm gnuplot-nox clang libclang-rt-14-dev
 )
 
 missing=()

@@ -7,6 +7,8 @@
 #include "kernels.h"
 #include "simd.h"
 
+#include <cpuid.h>
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,8 +28,10 @@ static int xp_cpu_level(void)
 {
     if (xp_simd_level < 0) {
         __builtin_cpu_init();
-        int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                   __builtin_cpu_supports("f16c");
+        /* F16C by CPUID (leaf 1, ECX bit 29): not every compiler's builtin knows the name */
+        unsigned a, b, c = 0, d;
+        int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+        int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
         int avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
         const char *cap = getenv("XPREC_SIMD");

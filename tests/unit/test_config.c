@@ -589,10 +589,33 @@ static void test_module_names_and_shapes(void **state)
     assert_int_equal(xp_module_parse("q_proj.weight", &m), -1);
 }
 
+/* transformers keeps the last of a repeated key and cJSON the first: refused, not guessed */
+static void test_repeated_key_refused(void **state)
+{
+    char *base = json(qwen3_06b);
+    size_t n = strlen(base);
+    char *twice = malloc(n + 32);
+    snprintf(twice, n + 32, "%.*s,\"vocab_size\":1000}", (int)(n - 1), base);
+    xp_qwen3_config c;
+    xp_quant_config q;
+    assert_int_equal(xp_qwen3_config_parse(twice, &c, &q), -1);
+    assert_error_contains("\"vocab_size\" appears twice");
+    free(twice);
+    char *nested = json("{'a':{'b':1,'b':2}}");
+    assert_int_equal(xp_json_check_unique(NULL, "x"), 0);
+    cJSON *root = cJSON_Parse(nested);
+    assert_int_equal(xp_json_check_unique(root, "x.json"), -1);
+    assert_error_contains("x.json: key \"b\" appears twice");
+    cJSON_Delete(root);
+    free(nested);
+    free(base);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parse_qwen3_06b),
+        cmocka_unit_test(test_repeated_key_refused),
         cmocka_unit_test(test_parse_quant_native),
         cmocka_unit_test(test_parse_quant_ct),
         cmocka_unit_test(test_missing_fields),
