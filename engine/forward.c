@@ -6,6 +6,7 @@
  *   logits = rmsnorm(x) lm_head^T, for the rows asked for. */
 #include "forward.h"
 #include "cpu/kernels.h"
+#include "cpu/ops.h"
 #include "xp_error.h"
 
 #include <math.h>
@@ -104,27 +105,6 @@ void xp_runtime_destroy(xp_runtime *rt)
     free(rt->out);
     xp_pool_destroy(rt->pool);
     free(rt);
-}
-
-/* y = x / sqrt(mean(x^2) + eps) * w, accumulated in double like a careful F32 reference. */
-static void xp_rmsnorm(const float *x, const float *w, int dim, float eps, float *y)
-{
-    double ss = 0;
-    for (int i = 0; i < dim; i++) ss += (double)x[i] * x[i];
-    float r = (float)(1.0 / sqrt(ss / dim + eps));
-    for (int i = 0; i < dim; i++) y[i] = x[i] * r * w[i];
-}
-
-/* Rotate-half RoPE on one head: pairs (i, i + d/2) turn by pos * inv_freq[i]. */
-static void xp_rope(float *v, int d, int pos, const float *inv_freq)
-{
-    int half = d / 2;
-    for (int i = 0; i < half; i++) {
-        float a = (float)pos * inv_freq[i], c = cosf(a), s = sinf(a);
-        float x1 = v[i], x2 = v[i + half];
-        v[i] = x1 * c - x2 * s;
-        v[i + half] = x2 * c + x1 * s;
-    }
 }
 
 typedef struct {

@@ -5,6 +5,7 @@
  *
  * The CPU twins are engine/cpu/linear.c's scalar references and, for the pieces forward.c keeps
  * static (rmsnorm, RoPE, attention, LoRA), line-for-line copies of them below. */
+#include "cpu/ops.h"
 #include "cpu/kernels.h"
 #include "dtype.h"
 #include "fp8.h"
@@ -218,31 +219,12 @@ static void test_lt(xpc_lt *lt, const xpc_lt_scales *sl, int have_fp8, int64_t r
 
 /* ------------------------------------------------------------------ norms, RoPE, attention */
 
-static void ref_rmsnorm(const float *x, const float *w, int dim, float eps, float *y)
-{
-    double ss = 0;
-    for (int i = 0; i < dim; i++) ss += (double)x[i] * x[i];
-    float r = (float)(1.0 / sqrt(ss / dim + eps));
-    for (int i = 0; i < dim; i++) y[i] = x[i] * r * w[i];
-}
-
-static void ref_rope(float *v, int d, int pos, const float *inv_freq)
-{
-    int half = d / 2;
-    for (int i = 0; i < half; i++) {
-        float a = (float)pos * inv_freq[i], c = cosf(a), s = sinf(a);
-        float x1 = v[i], x2 = v[i + half];
-        v[i] = x1 * c - x2 * s;
-        v[i + half] = x2 * c + x1 * s;
-    }
-}
-
 static void test_rmsnorm(int n, int dim)
 {
     float *x = rnd_vec((size_t)(n * dim), 3.0f), *w = rnd_vec((size_t)dim, 1.0f);
     float *want = malloc(sizeof(float) * (size_t)(n * dim)), *got = malloc(sizeof(float) * (size_t)(n * dim));
     int32_t rows[4] = {n - 1, 0, n / 2, n - 1};
-    for (int i = 0; i < n; i++) ref_rmsnorm(x + i * dim, w, dim, 1e-6f, want + i * dim);
+    for (int i = 0; i < n; i++) xp_rmsnorm(x + i * dim, w, dim, 1e-6f, want + i * dim);
     float *dx = gpu_up(x, sizeof(float) * (size_t)(n * dim)), *dw = gpu_up(w, sizeof(float) * (size_t)dim);
     float *dy = gpu_zeros(sizeof(float) * (size_t)(n * dim));
     int32_t *dr = gpu_up(rows, sizeof rows);
@@ -303,12 +285,12 @@ static void test_attention(int H, int KV, int d, int len, int len2, int nsplit)
     for (int i = 0; i < n; i++) {
         const int32_t *tab = i < len ? t1 : t2;
         for (int h = 0; h < H; h++) {
-            ref_rmsnorm(rq + ((size_t)i * H + h) * d, qn, d, 1e-6f, rq + ((size_t)i * H + h) * d);
-            ref_rope(rq + ((size_t)i * H + h) * d, d, pos[i], inv);
+            xp_rmsnorm(rq + ((size_t)i * H + h) * d, qn, d, 1e-6f, rq + ((size_t)i * H + h) * d);
+            xp_rope(rq + ((size_t)i * H + h) * d, d, pos[i], inv);
         }
         for (int h = 0; h < KV; h++) {
-            ref_rmsnorm(rk + ((size_t)i * KV + h) * d, kn, d, 1e-6f, rk + ((size_t)i * KV + h) * d);
-            ref_rope(rk + ((size_t)i * KV + h) * d, d, pos[i], inv);
+            xp_rmsnorm(rk + ((size_t)i * KV + h) * d, kn, d, 1e-6f, rk + ((size_t)i * KV + h) * d);
+            xp_rope(rk + ((size_t)i * KV + h) * d, d, pos[i], inv);
         }
         memcpy(xp_kv_k(&kv, tab, layer, pos[i]), rk + (size_t)i * kvd, sizeof(float) * (size_t)kvd);
         memcpy(xp_kv_v(&kv, tab, layer, pos[i]), v + (size_t)i * kvd, sizeof(float) * (size_t)kvd);
