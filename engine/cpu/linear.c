@@ -18,10 +18,10 @@
 static int xp_simd_level = -1; /* -1 unknown, 0 scalar, 1 AVX2, 2 AVX-512 */
 static int xp_forced_scalar;
 
-static const xp_simd xp_simd_avx2 = {xp_dot_avx2, xp_dot4_avx2, xp_fused_rows_avx2,
+static const xp_simd xp_simd_avx2 = {xp_dot_avx2, xp_dot4_avx2, NULL, xp_fused_rows_avx2,
                                      xp_decode_row_avx2, 16};
-static const xp_simd xp_simd_avx512 = {xp_dot_avx512, xp_dot4_avx512, xp_fused_rows_avx512,
-                                       xp_decode_row_avx512, 32};
+static const xp_simd xp_simd_avx512 = {xp_dot_avx512, xp_dot4_avx512, xp_dot2x4_avx512,
+                                       xp_fused_rows_avx512, xp_decode_row_avx512, 32};
 
 /* The widest kernels this processor runs; XPREC_SIMD=avx2|scalar caps them (tests, A/B). */
 static int xp_cpu_level(void)
@@ -120,7 +120,25 @@ static void xp_apply_tile(const xp_linear_job *j, const float *w, int64_t r0, in
     const xp_simd *k = xp_simd_get();
     for (int i0 = 0; i0 < j->n; i0 += XP_XBLOCK) {
         int i1 = i0 + XP_XBLOCK < j->n ? i0 + XP_XBLOCK : j->n;
-        for (int64_t r = r0; r < r1; r++) {
+        int64_t r = r0;
+        /* two weight rows at a time where the kernel set has the registers for it */
+        for (; k && k->dot2x4 && r + 2 <= r1; r += 2) {
+            const float *wr = w + (r - r0) * cols;
+            int i = i0;
+            float o[8];
+            for (; i + 4 <= i1; i += 4) {
+                k->dot2x4(j->x + (size_t)i * cols, cols, wr, cols, cols, o);
+                for (int q = 0; q < 4; q++) {
+                    j->y[(size_t)(i + q) * ld + r] = o[q];
+                    j->y[(size_t)(i + q) * ld + r + 1] = o[4 + q];
+                }
+            }
+            for (; i < i1; i++) {
+                j->y[(size_t)i * ld + r] = xp_dot(j->x + (size_t)i * cols, wr, cols);
+                j->y[(size_t)i * ld + r + 1] = xp_dot(j->x + (size_t)i * cols, wr + cols, cols);
+            }
+        }
+        for (; r < r1; r++) {
             const float *wr = w + (r - r0) * cols;
             int i = i0;
             float o[4];

@@ -103,6 +103,42 @@ XP_AVX512 void xp_dot4_avx512(const float *x, int64_t ldx, const float *w, int64
     }
 }
 
+/* Eight dots: x rows 0..3 against weight rows w0 and w1 (w1 = w0 + ldw), each in
+ * xp_dot_avx512's order. Two weight rows per pass halve the x loads per FMA. */
+XP_AVX512 void xp_dot2x4_avx512(const float *x, int64_t ldx, const float *w, int64_t ldw,
+                                int64_t n, float *out)
+{
+    __m512 a0[8], a1[8];
+    _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) a0[k] = a1[k] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512 u0 = _mm512_loadu_ps(w + i), u1 = _mm512_loadu_ps(w + i + 16);
+        __m512 v0 = _mm512_loadu_ps(w + ldw + i), v1 = _mm512_loadu_ps(w + ldw + i + 16);
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+            __m512 x0 = _mm512_loadu_ps(x + k * ldx + i), x1 = _mm512_loadu_ps(x + k * ldx + i + 16);
+            a0[k] = _mm512_fmadd_ps(x0, u0, a0[k]);
+            a1[k] = _mm512_fmadd_ps(x1, u1, a1[k]);
+            a0[4 + k] = _mm512_fmadd_ps(x0, v0, a0[4 + k]);
+            a1[4 + k] = _mm512_fmadd_ps(x1, v1, a1[4 + k]);
+        }
+    }
+    if (i + 16 <= n) {
+        __m512 u0 = _mm512_loadu_ps(w + i), v0 = _mm512_loadu_ps(w + ldw + i);
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+            __m512 x0 = _mm512_loadu_ps(x + k * ldx + i);
+            a0[k] = _mm512_fmadd_ps(x0, u0, a0[k]);
+            a0[4 + k] = _mm512_fmadd_ps(x0, v0, a0[4 + k]);
+        }
+        i += 16;
+    }
+    _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
+        const float *wr = w + (k >= 4 ? ldw : 0), *xr = x + (k % 4) * ldx;
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[k], a1[k]));
+        for (int64_t j = i; j < n; j++) s += xr[j] * wr[j];
+        out[k] = s;
+    }
+}
+
 /* n constant per expansion, so the accumulators live in registers */
 XP_AVX512 __attribute__((always_inline)) static inline void
 xp_fused512_n(const xp_linear *l, int64_t r, const float *x, int64_t ldx, float *out, const int n)

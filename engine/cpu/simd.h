@@ -12,6 +12,10 @@ typedef struct {
     float (*dot)(const float *a, const float *b, int64_t n);
     /* four dots of x rows (stride ldx) with one weight row w */
     void (*dot4)(const float *x, int64_t ldx, const float *w, int64_t n, float *out);
+    /* eight dots: x rows 0..3 with weight rows w and w + ldw (out[k] row k%4, weight k/4); may
+     * be NULL where registers are too few */
+    void (*dot2x4)(const float *x, int64_t ldx, const float *w, int64_t ldw, int64_t n,
+                   float *out);
     /* y[i, r] for weight rows [r0, r1) and n <= 4 x rows, decoding W in registers */
     void (*fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n,
                        float *y);
@@ -27,6 +31,8 @@ void xp_decode_row_avx2(const xp_linear *l, int64_t r, float *dst);
 
 float xp_dot_avx512(const float *a, const float *b, int64_t n);
 void xp_dot4_avx512(const float *x, int64_t ldx, const float *w, int64_t n, float *out);
+void xp_dot2x4_avx512(const float *x, int64_t ldx, const float *w, int64_t ldw, int64_t n,
+                      float *out);
 void xp_fused_rows_avx512(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n,
                           float *y);
 void xp_decode_row_avx512(const xp_linear *l, int64_t r, float *dst);
