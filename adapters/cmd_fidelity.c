@@ -13,6 +13,7 @@
 #include "commands.h"
 #include "fidelity_prompts.h"
 #include "forward.h"
+#include "sampler.h"
 #include "fsutil.h"
 #include "tokenizer.h"
 #include "xp_error.h"
@@ -97,14 +98,6 @@ static int xp_fid_run(xp_fid_model *f, const xp_lora_weights *lw, const int32_t 
         }
     }
     return 0;
-}
-
-static int32_t xp_argmax(const float *x, int n)
-{
-    int32_t b = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[b]) b = i;
-    return b;
 }
 
 /* N greedy tokens after the prompt into cont (cont needs room for them). */

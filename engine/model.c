@@ -21,7 +21,7 @@ static int xp_linear_init(xp_linear *l, const xp_tensor *w, const xp_tensor *sca
     l->cols = w->shape[1];
     l->w = w->data;
     size_t align = xp_dtype_size(w->dtype);
-    if ((uintptr_t)w->data % align || getenv("XPREC_COPY_WEIGHTS")) {
+    if ((uintptr_t)w->data % align) {
         /* foreign files may misalign 2- and 4-byte weights; the kernels load them directly */
         if (!(l->owned = aligned_alloc(64, (w->nbytes + 63) & ~(size_t)63)))
             return xp_fail("out of memory");

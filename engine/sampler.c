@@ -3,7 +3,7 @@
 #include <math.h>
 #include <stdlib.h>
 
-static int32_t xp_argmax(const float *x, int n)
+int32_t xp_argmax(const float *x, int n)
 {
     int32_t best = 0;
     for (int i = 1; i < n; i++)
