@@ -1,6 +1,7 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include "peft.h"
 #include "fsutil.h"
+#include "json_util.h"
 #include "xp_error.h"
 
 #include <cjson/cJSON.h>
@@ -345,7 +346,7 @@ static char *xp_peft_config_json(const char *base_model, const xp_lora_save *mod
     }
     for (int m = 0; m < XP_MOD_COUNT; m++)
         if (seen & (1u << m)) cJSON_AddItemToArray(tm, cJSON_CreateString(xp_module_name(m)));
-    char *out = cJSON_Print(r);
+    char *out = xp_json_print(r, 1);
     cJSON_Delete(r);
     return out;
 }

@@ -1,6 +1,7 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include "qwen3_config.h"
 #include "fsutil.h"
+#include "json_util.h"
 #include "xp_error.h"
 
 #include <cjson/cJSON.h>
@@ -10,20 +11,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* JSON allows a key twice; Python's json keeps the last, cJSON finds the first. Rather than
- * read a different model than transformers would, refuse it. Recurses into objects. */
-int xp_json_check_unique(const cJSON *obj, const char *what)
-{
-    for (const cJSON *a = obj ? obj->child : NULL; a; a = a->next) {
-        if (a->string)
-            for (const cJSON *b = a->next; b; b = b->next)
-                if (b->string && strcmp(a->string, b->string) == 0)
-                    return xp_fail("%s: key \"%.100s\" appears twice", what, a->string);
-        if ((cJSON_IsObject(a) || cJSON_IsArray(a)) && xp_json_check_unique(a, what) < 0) return -1;
-    }
-    return 0;
-}
 
 static int xp_cfg_int(const cJSON *root, const char *key, int min, int *out)
 {
@@ -300,7 +287,7 @@ char *xp_config_with_quant(const char *json, const xp_quant_config *q)
     }
     cJSON_DeleteItemFromObjectCaseSensitive(root, "quantization_config");
     if (q->kind != XP_QUANT_NONE) cJSON_AddItemToObject(root, "quantization_config", xp_quant_json(q));
-    char *out = cJSON_Print(root);
+    char *out = xp_json_print(root, 1);
     cJSON_Delete(root);
     if (!out) xp_fail("out of memory");
     return out;
@@ -336,7 +323,7 @@ char *xp_qwen3_config_json(const xp_qwen3_config *c)
     cJSON_AddBoolToObject(r, "use_cache", 1);
     cJSON_AddBoolToObject(r, "use_sliding_window", 0);
     cJSON_AddNumberToObject(r, "vocab_size", c->vocab_size);
-    char *out = cJSON_Print(r);
+    char *out = xp_json_print(r, 1);
     cJSON_Delete(r);
     return out;
 }

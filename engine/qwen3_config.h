@@ -49,10 +49,6 @@ int xp_quant_ignored(const xp_quant_config *q, const char *module);
  * field kept as it was. Returns a malloc'd string or NULL. */
 char *xp_config_with_quant(const char *json, const xp_quant_config *q);
 
-/* -1 (error naming `what` and the key) if any object in the tree repeats a key. */
-struct cJSON;
-int xp_json_check_unique(const struct cJSON *obj, const char *what);
-
 /* A fresh config.json for a synthetic model. */
 char *xp_qwen3_config_json(const xp_qwen3_config *cfg);
 

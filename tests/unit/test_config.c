@@ -3,9 +3,11 @@
 #include "testutil.h"
 
 #include "checkpoint.h"
+#include "json_util.h"
 #include "qwen3_config.h"
 
 #include <cjson/cJSON.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -338,7 +340,8 @@ static void test_quant_ignored(void **state)
     memset(&q, 0, sizeof q);
     char *pats[] = {"lm_head", "re:.*mlp.gate$", "model.layers.0.self_attn.q_proj",
                     "re:model\\.layers\\.1\\..*"};
-    for (int i = 0; i < 4; i++) q.ignore[q.nignore++] = pats[i];
+    for (int i = 0; i < 4; i++)
+        q.ignore[q.nignore++] = pats[i];
     static const struct {
         const char *name;
         int want;
@@ -410,7 +413,8 @@ static void round_trip_quant(const char *base, const xp_quant_config *want)
         assert_int_equal(q.block[1], want->block[1]);
     }
     assert_int_equal(q.nignore, want->nignore);
-    for (int i = 0; i < q.nignore; i++) assert_string_equal(q.ignore[i], want->ignore[i]);
+    for (int i = 0; i < q.nignore; i++)
+        assert_string_equal(q.ignore[i], want->ignore[i]);
     xp_quant_config_free(&q);
     /* the rewrite of a rewrite is stable */
     char *again = xp_config_with_quant(out, want);
@@ -611,6 +615,54 @@ static void test_repeated_key_refused(void **state)
     free(base);
 }
 
+/* Numbers that 15 digits do not pin down survive a rewrite bit for bit (cJSON alone moved
+ * 1.0000000000000002e-06 to its neighbour, which the fuzzer found). */
+static void test_rewrite_keeps_numbers_exact(void **state)
+{
+    static const struct {
+        const char *was, *now;
+    } edits[] = {
+        {"1e-06", "1.0000000000000002e-06"}, {"1e-06", "9.9999999999999995e-07"},
+        {"1e-06", "0.010000000000000002"},   {"1e-06", "4.9406564584124654e-324"},
+        {"1000000,", "1000000.0000000002,"}, {"1000000,", "1.0000000000000002e15,"},
+        {"1000000,", "123456789012345678,"},
+    };
+    for (size_t i = 0; i < sizeof edits / sizeof *edits; i++) {
+        /* spliced as text: a cJSON round trip here would round the value before the test */
+        char *base = json(qwen3_06b), text[2048];
+        char *at = strstr(base, edits[i].was);
+        assert_non_null(at);
+        snprintf(text, sizeof text, "%.*s%s%s", (int)(at - base), base, edits[i].now,
+                 at + strlen(edits[i].was));
+        free(base);
+        xp_qwen3_config c0, c1;
+        xp_quant_config q, q1;
+        if (xp_qwen3_config_parse(text, &c0, &q) < 0)
+            fail_msg("%s: %s", edits[i].now, xp_last_error());
+        char *out = xp_config_with_quant(text, &q);
+        assert_non_null(out);
+        assert_int_equal(xp_qwen3_config_parse(out, &c1, &q1), 0);
+        if (c0.rms_norm_eps != c1.rms_norm_eps || c0.rope_theta != c1.rope_theta)
+            fail_msg("%s became %.17g / %.17g", edits[i].now, c1.rms_norm_eps, c1.rope_theta);
+        char *fresh = xp_qwen3_config_json(&c0);
+        assert_int_equal(xp_qwen3_config_parse(fresh, &c1, &q1), 0);
+        assert_cfg_equal(&c0, &c1);
+        free(fresh);
+        free(out);
+    }
+    /* short numbers stay short, and what JSON cannot hold becomes null */
+    cJSON *r = cJSON_CreateObject();
+    cJSON_AddNumberToObject(r, "a", 0.02);
+    cJSON_AddNumberToObject(r, "b", 151936);
+    cJSON_AddNumberToObject(r, "c", NAN);
+    cJSON *arr = cJSON_AddArrayToObject(r, "d");
+    cJSON_AddItemToArray(arr, cJSON_CreateNumber(-1.5));
+    char *s = xp_json_print(r, 0);
+    assert_string_equal(s, "{\"a\":0.02,\"b\":151936,\"c\":null,\"d\":[-1.5]}");
+    free(s);
+    cJSON_Delete(r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -623,6 +675,7 @@ int main(void)
         cmocka_unit_test(test_bad_quant),
         cmocka_unit_test(test_quant_ignored),
         cmocka_unit_test(test_config_with_quant),
+        cmocka_unit_test(test_rewrite_keeps_numbers_exact),
         cmocka_unit_test(test_config_json_and_load),
         cmocka_unit_test(test_tensor_role),
         cmocka_unit_test(test_module_names_and_shapes),
