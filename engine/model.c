@@ -13,6 +13,14 @@ static float *xp_to_f32_copy(const xp_tensor *t)
     return f;
 }
 
+void xp_linear_check_scales(xp_linear *l)
+{
+    int64_t n = (l->rows + l->br - 1) / l->br * l->nbc;
+    l->fp8_fast = l->dtype == XP_F8_E4M3;
+    for (int64_t i = 0; i < n; i++)
+        if (!(fabsf(l->scale[i]) < 256.0f)) l->fp8_fast = 0;
+}
+
 static int xp_linear_init(xp_linear *l, const xp_tensor *w, const xp_tensor *scale, int br, int bc)
 {
     memset(l, 0, sizeof *l);
@@ -38,6 +46,7 @@ static int xp_linear_init(xp_linear *l, const xp_tensor *w, const xp_tensor *sca
         l->bc = bc;
         l->nbc = (l->cols + bc - 1) / bc;
         if (!(l->scale = xp_to_f32_copy(scale))) return xp_fail("out of memory");
+        xp_linear_check_scales(l);
     } else if (w->dtype != XP_BF16 && w->dtype != XP_F16 && w->dtype != XP_F32) {
         return xp_fail("%s has dtype %s, which the engine does not run", w->name,
                        xp_dtype_name(w->dtype));
@@ -121,7 +130,8 @@ void xp_model_free(xp_model *m)
         free(L->mlp_norm);
         free(L->q_norm);
         free(L->k_norm);
-        for (int k = 0; k < XP_MOD_COUNT; k++) xp_linear_free(&L->lin[k]);
+        for (int k = 0; k < XP_MOD_COUNT; k++)
+            xp_linear_free(&L->lin[k]);
     }
     free(m->layers);
     free(m->final_norm);
@@ -143,7 +153,8 @@ uint64_t xp_model_step_bytes(const xp_model *m)
 {
     uint64_t b = xp_linear_bytes(&m->lm_head);
     for (int l = 0; l < m->cfg.num_hidden_layers; l++)
-        for (int k = 0; k < XP_MOD_COUNT; k++) b += xp_linear_bytes(&m->layers[l].lin[k]);
+        for (int k = 0; k < XP_MOD_COUNT; k++)
+            b += xp_linear_bytes(&m->layers[l].lin[k]);
     return b;
 }
 
@@ -154,6 +165,7 @@ void xp_linear_row(const xp_linear *l, int64_t r, float *dst)
     xp_convert_to_f32(l->dtype, base + (size_t)(r * l->cols) * es, dst, (size_t)l->cols);
     if (l->dtype == XP_F8_E4M3) {
         const float *s = l->scale + (r / l->br) * l->nbc;
-        for (int64_t j = 0; j < l->cols; j++) dst[j] *= s[j / l->bc];
+        for (int64_t j = 0; j < l->cols; j++)
+            dst[j] *= s[j / l->bc];
     }
 }

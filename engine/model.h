@@ -7,13 +7,15 @@
 
 /* A weight matrix W [rows, cols] as the kernels read it: y = x W^T. */
 typedef struct {
-    xp_dtype dtype;     /* XP_F8_E4M3, XP_BF16, XP_F16 or XP_F32 */
-    const void *w;      /* rows x cols elements, row-major */
-    float *scale;       /* FP8: block scales [ceil(rows/br), ceil(cols/bc)], F32 */
+    xp_dtype dtype; /* XP_F8_E4M3, XP_BF16, XP_F16 or XP_F32 */
+    const void *w;  /* rows x cols elements, row-major */
+    float *scale;   /* FP8: block scales [ceil(rows/br), ceil(cols/bc)], F32 */
     int64_t rows, cols;
     int br, bc;
-    int64_t nbc;        /* scale blocks per row */
-    void *owned;        /* an aligned copy when the mapping could not be used as it is */
+    int64_t nbc;  /* scale blocks per row */
+    int fp8_fast; /* FP8 with every |scale| < 256: the SIMD decode may fold 2^120 into it
+                     (xp_linear_check_scales); 0 sends the weight through the reference */
+    void *owned;  /* an aligned copy when the mapping could not be used as it is */
 } xp_linear;
 
 typedef struct {
@@ -30,6 +32,9 @@ typedef struct {
     xp_linear lm_head; /* the embeddings again when tied */
     float *inv_freq;   /* RoPE: theta^(-2i/head_dim), head_dim/2 entries */
 } xp_model;
+
+/* Sets l->fp8_fast from the block scales. */
+void xp_linear_check_scales(xp_linear *l);
 
 int xp_model_load(const char *dir, xp_model **out);
 void xp_model_free(xp_model *m);

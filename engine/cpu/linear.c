@@ -13,14 +13,14 @@
 #include <string.h>
 
 #define XP_TILE_FLOATS (32 * 1024) /* 128 KB of decoded weights per tile */
-#define XP_XBLOCK 16 /* input rows kept hot while a tile is applied */
+#define XP_XBLOCK 16               /* input rows kept hot while a tile is applied */
 
 static int xp_simd_level = -1; /* -1 unknown, 0 scalar, 1 AVX2, 2 AVX-512 */
 static int xp_forced_scalar;
 
-static const xp_simd xp_simd_avx2 = {xp_dot_avx2, xp_dot4_avx2, NULL, xp_fused_rows_avx2,
-                                     xp_decode_row_avx2, 16};
-static const xp_simd xp_simd_avx512 = {xp_dot_avx512, xp_dot4_avx512, xp_dot2x4_avx512,
+static const xp_simd xp_simd_avx2 = {xp_dot_avx2,        xp_dot4_avx2,       NULL,
+                                     xp_fused_rows_avx2, xp_decode_row_avx2, 16};
+static const xp_simd xp_simd_avx512 = {xp_dot_avx512,        xp_dot4_avx512,       xp_dot2x4_avx512,
                                        xp_fused_rows_avx512, xp_decode_row_avx512, 32};
 
 /* The widest kernels this processor runs; XPREC_SIMD=avx2|scalar caps them (tests, A/B). */
@@ -74,7 +74,8 @@ void xp_decode_row_ref(const xp_linear *l, int64_t r, float *dst)
 float xp_dot_ref(const float *a, const float *b, int64_t n)
 {
     float s = 0;
-    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    for (int64_t i = 0; i < n; i++)
+        s += a[i] * b[i];
     return s;
 }
 
@@ -144,18 +145,22 @@ static void xp_apply_tile(const xp_linear_job *j, const float *w, int64_t r0, in
             float o[4];
             for (; k && i + 4 <= i1; i += 4) {
                 k->dot4(j->x + (size_t)i * cols, cols, wr, cols, o);
-                for (int q = 0; q < 4; q++) j->y[(size_t)(i + q) * ld + r] = o[q];
+                for (int q = 0; q < 4; q++)
+                    j->y[(size_t)(i + q) * ld + r] = o[q];
             }
-            for (; i < i1; i++) j->y[(size_t)i * ld + r] = xp_dot(j->x + (size_t)i * cols, wr, cols);
+            for (; i < i1; i++)
+                j->y[(size_t)i * ld + r] = xp_dot(j->x + (size_t)i * cols, wr, cols);
         }
     }
 }
 
-/* The register-decoding kernel, when it applies: FP8 blocks must hold whole SIMD chunks. */
+/* The register-decoding kernel, when it applies: FP8 blocks must hold whole SIMD chunks and
+ * have scales the fast decode can take. */
 static const xp_simd *xp_fused_kernel(const xp_linear *l)
 {
     const xp_simd *k = xp_simd_get();
-    if (!k || !(l->dtype == XP_BF16 || (l->dtype == XP_F8_E4M3 && l->bc % k->fp8_chunk == 0)))
+    if (!k || !(l->dtype == XP_BF16 ||
+                (l->dtype == XP_F8_E4M3 && l->fp8_fast && l->bc % k->fp8_chunk == 0)))
         return NULL;
     return k;
 }
@@ -175,7 +180,8 @@ static void xp_linear_task(void *ctx, int task, int thread)
         return;
     }
     float *buf = j->scratch[thread];
-    for (int64_t r = r0; r < r1; r++) xp_decode_row(l, r, buf + (r - r0) * l->cols);
+    for (int64_t r = r0; r < r1; r++)
+        xp_decode_row(l, r, buf + (r - r0) * l->cols);
     xp_apply_tile(j, buf, r0, r1);
 }
 
@@ -183,11 +189,19 @@ void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const
                        float *y)
 {
     int threads = xp_pool_threads(pool);
-    int64_t tile = XP_TILE_FLOATS / l->cols;
-    if (tile < 1) tile = 1;
-    /* at least a few tasks per thread so the threads finish together */
-    int64_t per = (l->rows + 4 * threads - 1) / (4 * threads);
-    if (tile > per) tile = per < 1 ? 1 : per;
+    int64_t tile;
+    if (n <= 4 && xp_fused_kernel(l)) {
+        /* no scratch to fit: two long runs of rows per thread. Small tasks (tens of KB) halved
+         * decode's bandwidth: each restart costs the prefetchers their run-up and the threads
+         * share cache lines of y at every boundary. */
+        tile = (l->rows + 2 * threads - 1) / (2 * threads);
+    } else {
+        tile = XP_TILE_FLOATS / l->cols;
+        if (tile < 1) tile = 1;
+        /* at least a few tasks per thread so the threads finish together */
+        int64_t per = (l->rows + 4 * threads - 1) / (4 * threads);
+        if (tile > per) tile = per < 1 ? 1 : per;
+    }
     xp_linear_job j = {l, x, y, scratch, n, tile};
     xp_pool_run(pool, (int)((l->rows + tile - 1) / tile), xp_linear_task, &j);
 }
@@ -198,7 +212,8 @@ void xp_linear_forward_ref(const xp_linear *l, const float *x, int n, float *y)
     if (!row) return;
     for (int64_t r = 0; r < l->rows; r++) {
         xp_decode_row_ref(l, r, row);
-        for (int i = 0; i < n; i++) y[i * l->rows + r] = xp_dot_ref(x + i * l->cols, row, l->cols);
+        for (int i = 0; i < n; i++)
+            y[i * l->rows + r] = xp_dot_ref(x + i * l->cols, row, l->cols);
     }
     free(row);
 }

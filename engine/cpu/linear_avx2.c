@@ -6,46 +6,42 @@
 
 #include <immintrin.h>
 
-/* E4M3 -> F16 bit pattern with the same sign, exponent and mantissa fields in F16's places:
- * the F16 value is the E4M3 value times 2^-8 for normal and subnormal codes alike (bias 7 vs
- * 15), so multiplying by 256 * scale gives the weight. NaN codes are refused at load. */
-__attribute__((target("avx2,fma,f16c"))) static inline __m256 xp_fp8x8(const uint8_t *q,
-                                                                         __m256 s256)
+/* 8 E4M3 codes to F32 by moving their fields into F32's places (see linear_avx512.c): the float
+ * read is the value times 2^-120, so multiplying by S = 2^120 * scale gives the weight, rounded
+ * once. NaN codes are refused at load. */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 xp_fp8x8(const uint8_t *q, __m256 S)
 {
-    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)q));
-    __m128i h = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(b, 7), _mm_set1_epi16(0x3f80)),
-                             _mm_and_si128(_mm_slli_epi16(b, 8), _mm_set1_epi16((short)0x8000)));
-    return _mm256_mul_ps(_mm256_cvtph_ps(h), s256);
+    __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
+    v = _mm256_and_si256(_mm256_slli_epi32(v, 20), _mm256_set1_epi32((int)0x87F00000u));
+    return _mm256_mul_ps(_mm256_castsi256_ps(v), S);
 }
 
-/* Sixteen codes at once: one widening and one pass of 16-bit bit-twiddling for both halves. */
-__attribute__((target("avx2,fma,f16c"))) static inline void xp_fp8x16(const uint8_t *q, __m256 s256,
+__attribute__((target("avx2,fma,f16c"))) static inline void xp_fp8x16(const uint8_t *q, __m256 S,
                                                                       __m256 *lo, __m256 *hi)
 {
-    __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
-    __m256i h = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(0x3f80)),
-                                _mm256_and_si256(_mm256_slli_epi16(b, 8), _mm256_set1_epi16((short)0x8000)));
-    *lo = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), s256);
-    *hi = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), s256);
+    *lo = xp_fp8x8(q, S);
+    *hi = xp_fp8x8(q + 8, S);
 }
 
-__attribute__((target("avx2,fma,f16c"))) void xp_decode_row_avx2(const xp_linear *l,
-                                                                         int64_t r, float *dst)
+__attribute__((target("avx2,fma,f16c"))) void xp_decode_row_avx2(const xp_linear *l, int64_t r,
+                                                                 float *dst)
 {
     int64_t cols = l->cols, j = 0;
-    if (l->dtype == XP_F8_E4M3) {
+    if (l->dtype == XP_F8_E4M3 && l->fp8_fast) {
         const uint8_t *q = (const uint8_t *)l->w + r * cols;
         const float *s = l->scale + (r / l->br) * l->nbc;
         for (int64_t b = 0; b < l->nbc; b++) {
             int64_t end = (b + 1) * l->bc < cols ? (b + 1) * l->bc : cols;
-            __m256 s256 = _mm256_set1_ps(s[b] * 256.0f), lo, hi;
+            __m256 S = _mm256_set1_ps(s[b] * 0x1p120f), lo, hi;
             for (; j + 16 <= end; j += 16) {
-                xp_fp8x16(q + j, s256, &lo, &hi);
+                xp_fp8x16(q + j, S, &lo, &hi);
                 _mm256_storeu_ps(dst + j, lo);
                 _mm256_storeu_ps(dst + j + 8, hi);
             }
-            for (; j + 8 <= end; j += 8) _mm256_storeu_ps(dst + j, xp_fp8x8(q + j, s256));
-            for (; j < end; j++) dst[j] = xp_fp8_e4m3_to_f32(q[j]) * s[b];
+            for (; j + 8 <= end; j += 8)
+                _mm256_storeu_ps(dst + j, xp_fp8x8(q + j, S));
+            for (; j < end; j++)
+                dst[j] = xp_fp8_e4m3_to_f32(q[j]) * s[b];
         }
         return;
     }
@@ -55,14 +51,15 @@ __attribute__((target("avx2,fma,f16c"))) void xp_decode_row_avx2(const xp_linear
             __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + j)));
             _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
         }
-        for (; j < cols; j++) dst[j] = xp_bf16_to_f32(w[j]);
+        for (; j < cols; j++)
+            dst[j] = xp_bf16_to_f32(w[j]);
         return;
     }
     xp_decode_row_ref(l, r, dst);
 }
 
 __attribute__((target("avx2,fma,f16c"))) float xp_dot_avx2(const float *a, const float *b,
-                                                                   int64_t n)
+                                                           int64_t n)
 {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t i = 0;
@@ -77,36 +74,40 @@ __attribute__((target("avx2,fma,f16c"))) float xp_dot_avx2(const float *a, const
     h = _mm_hadd_ps(h, h);
     h = _mm_hadd_ps(h, h);
     float s = _mm_cvtss_f32(h);
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++)
+        s += a[i] * b[i];
     return s;
 }
 
 /* Four dot products against one weight row, each in exactly xp_dot_avx2's order. */
 __attribute__((target("avx2,fma,f16c"))) void xp_dot4_avx2(const float *x, int64_t ldx,
-                                                                   const float *w, int64_t n,
-                                                                   float *out)
+                                                           const float *w, int64_t n, float *out)
 {
     __m256 a0[4], a1[4];
     _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) a0[k] = a1[k] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
         __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+        {
             a0[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
             a1[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i + 8), w1, a1[k]);
         }
     }
     for (; i + 8 <= n; i += 8) {
         __m256 w0 = _mm256_loadu_ps(w + i);
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) a0[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) a0[k] =
+            _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
     }
-    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+    {
         __m256 s0 = _mm256_add_ps(a0[k], a1[k]);
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
         h = _mm_hadd_ps(h, h);
         h = _mm_hadd_ps(h, h);
         float s = _mm_cvtss_f32(h);
-        for (int64_t j = i; j < n; j++) s += x[k * ldx + j] * w[j];
+        for (int64_t j = i; j < n; j++)
+            s += x[k * ldx + j] * w[j];
         out[k] = s;
     }
 }
@@ -126,25 +127,28 @@ xp_fused_n(const xp_linear *l, int64_t r, const float *x, int64_t ldx, float *ou
     if (l->dtype == XP_F8_E4M3) {
         const uint8_t *q = (const uint8_t *)l->w + r * cols;
         const float *s = l->scale + (r / l->br) * l->nbc;
-        __m256 s256 = _mm256_setzero_ps();
+        __m256 S = _mm256_setzero_ps();
         for (int64_t b = 0; b < l->nbc; b++) {
             int64_t end = (b + 1) * l->bc < cols ? (b + 1) * l->bc : cols;
-            s256 = _mm256_set1_ps(s[b] * 256.0f);
+            S = _mm256_set1_ps(s[b] * 0x1p120f);
             for (; i + 16 <= end; i += 16) {
                 __m256 w0, w1;
-                xp_fp8x16(q + i, s256, &w0, &w1);
-                _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) {
+                xp_fp8x16(q + i, S, &w0, &w1);
+                _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
+                {
                     a0[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
                     a1[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i + 8), w1, a1[k]);
                 }
             }
         }
         if (i + 8 <= cols) {
-            __m256 w0 = xp_fp8x8(q + i, s256);
-            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) a0[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
+            __m256 w0 = xp_fp8x8(q + i, S);
+            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) a0[k] =
+                _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
             i += 8;
         }
-        for (int64_t j = i; j < cols; j++) tail_w[j - i] = xp_fp8_e4m3_to_f32(q[j]) * s[j / l->bc];
+        for (int64_t j = i; j < cols; j++)
+            tail_w[j - i] = xp_fp8_e4m3_to_f32(q[j]) * s[j / l->bc];
     } else {
         const uint16_t *h = (const uint16_t *)l->w + r * cols;
 #define XP_BF8(j)                                                                                  \
@@ -152,44 +156,56 @@ xp_fused_n(const xp_linear *l, int64_t r, const float *x, int64_t ldx, float *ou
         _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + (j)))), 16))
         for (; i + 16 <= cols; i += 16) {
             __m256 w0 = XP_BF8(i), w1 = XP_BF8(i + 8);
-            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) {
+            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
+            {
                 a0[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
                 a1[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i + 8), w1, a1[k]);
             }
         }
         if (i + 8 <= cols) {
             __m256 w0 = XP_BF8(i);
-            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) a0[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
+            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) a0[k] =
+                _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
             i += 8;
         }
 #undef XP_BF8
-        for (int64_t j = i; j < cols; j++) tail_w[j - i] = xp_bf16_to_f32(h[j]);
+        for (int64_t j = i; j < cols; j++)
+            tail_w[j - i] = xp_bf16_to_f32(h[j]);
     }
-    _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) {
+    _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
+    {
         __m256 s0 = _mm256_add_ps(a0[k], a1[k]);
         __m128 hs = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
         hs = _mm_hadd_ps(hs, hs);
         hs = _mm_hadd_ps(hs, hs);
         float acc = _mm_cvtss_f32(hs);
-        for (int64_t j = i; j < cols; j++) acc += x[k * ldx + j] * tail_w[j - i];
+        for (int64_t j = i; j < cols; j++)
+            acc += x[k * ldx + j] * tail_w[j - i];
         out[k] = acc;
     }
 }
 
-__attribute__((target("avx2,fma,f16c"))) void xp_fused_rows_avx2(const xp_linear *l,
-                                                                         int64_t r0, int64_t r1,
-                                                                         const float *x, int n,
-                                                                         float *y)
+__attribute__((target("avx2,fma,f16c"))) void
+xp_fused_rows_avx2(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y)
 {
     float o[4];
     int64_t ld = l->cols;
     for (int64_t r = r0; r < r1; r++) {
         switch (n) {
-        case 1: xp_fused_n(l, r, x, ld, o, 1); break;
-        case 2: xp_fused_n(l, r, x, ld, o, 2); break;
-        case 3: xp_fused_n(l, r, x, ld, o, 3); break;
-        default: xp_fused_n(l, r, x, ld, o, 4); break;
+        case 1:
+            xp_fused_n(l, r, x, ld, o, 1);
+            break;
+        case 2:
+            xp_fused_n(l, r, x, ld, o, 2);
+            break;
+        case 3:
+            xp_fused_n(l, r, x, ld, o, 3);
+            break;
+        default:
+            xp_fused_n(l, r, x, ld, o, 4);
+            break;
         }
-        for (int i = 0; i < n; i++) y[(size_t)i * l->rows + r] = o[i];
+        for (int i = 0; i < n; i++)
+            y[(size_t)i * l->rows + r] = o[i];
     }
 }

@@ -9,22 +9,22 @@
 
 #define XP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
-/* E4M3 codes to F32 through F16's bit layout (see linear_avx2.c): 32 codes, two halves. */
-XP_AVX512 static inline void xp_fp8x32(const uint8_t *q, __m512 s256, __m512 *lo, __m512 *hi)
+/* 16 E4M3 codes to F32 by moving their fields into F32's places: sign-extend the code, shift the
+ * exponent and mantissa to bits 20..26, keep the sign in bit 31. The float read is the E4M3 value
+ * times 2^-120 (bias 7 against 127), subnormal codes included, so one multiply by S = 2^120 * scale
+ * gives value * scale rounded once, as the reference does. Integer ops only: on these cores the
+ * F16 conversion it replaces could not keep up with memory. */
+XP_AVX512 static inline __m512 xp_fp8x16_512(const uint8_t *q, __m512 S)
 {
-    __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)q));
-    __m512i h = _mm512_or_si512(_mm512_and_si512(_mm512_slli_epi16(b, 7), _mm512_set1_epi16(0x3f80)),
-                                _mm512_and_si512(_mm512_slli_epi16(b, 8), _mm512_set1_epi16((short)0x8000)));
-    *lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), s256);
-    *hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), s256);
+    __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
+    v = _mm512_and_si512(_mm512_slli_epi32(v, 20), _mm512_set1_epi32((int)0x87F00000u));
+    return _mm512_mul_ps(_mm512_castsi512_ps(v), S);
 }
 
-XP_AVX512 static inline __m512 xp_fp8x16_512(const uint8_t *q, __m512 s256)
+XP_AVX512 static inline void xp_fp8x32(const uint8_t *q, __m512 S, __m512 *lo, __m512 *hi)
 {
-    __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
-    __m256i h = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(0x3f80)),
-                                _mm256_and_si256(_mm256_slli_epi16(b, 8), _mm256_set1_epi16((short)0x8000)));
-    return _mm512_mul_ps(_mm512_cvtph_ps(h), s256);
+    *lo = xp_fp8x16_512(q, S);
+    *hi = xp_fp8x16_512(q + 16, S);
 }
 
 XP_AVX512 static inline __m512 xp_bf16x16(const uint16_t *h)
@@ -36,26 +36,30 @@ XP_AVX512 static inline __m512 xp_bf16x16(const uint16_t *h)
 XP_AVX512 void xp_decode_row_avx512(const xp_linear *l, int64_t r, float *dst)
 {
     int64_t cols = l->cols, j = 0;
-    if (l->dtype == XP_F8_E4M3) {
+    if (l->dtype == XP_F8_E4M3 && l->fp8_fast) {
         const uint8_t *q = (const uint8_t *)l->w + r * cols;
         const float *s = l->scale + (r / l->br) * l->nbc;
         for (int64_t b = 0; b < l->nbc; b++) {
             int64_t end = (b + 1) * l->bc < cols ? (b + 1) * l->bc : cols;
-            __m512 s256 = _mm512_set1_ps(s[b] * 256.0f), lo, hi;
+            __m512 S = _mm512_set1_ps(s[b] * 0x1p120f), lo, hi;
             for (; j + 32 <= end; j += 32) {
-                xp_fp8x32(q + j, s256, &lo, &hi);
+                xp_fp8x32(q + j, S, &lo, &hi);
                 _mm512_storeu_ps(dst + j, lo);
                 _mm512_storeu_ps(dst + j + 16, hi);
             }
-            for (; j + 16 <= end; j += 16) _mm512_storeu_ps(dst + j, xp_fp8x16_512(q + j, s256));
-            for (; j < end; j++) dst[j] = xp_fp8_e4m3_to_f32(q[j]) * s[b];
+            for (; j + 16 <= end; j += 16)
+                _mm512_storeu_ps(dst + j, xp_fp8x16_512(q + j, S));
+            for (; j < end; j++)
+                dst[j] = xp_fp8_e4m3_to_f32(q[j]) * s[b];
         }
         return;
     }
     if (l->dtype == XP_BF16) {
         const uint16_t *w = (const uint16_t *)l->w + r * cols;
-        for (; j + 16 <= cols; j += 16) _mm512_storeu_ps(dst + j, xp_bf16x16(w + j));
-        for (; j < cols; j++) dst[j] = xp_bf16_to_f32(w[j]);
+        for (; j + 16 <= cols; j += 16)
+            _mm512_storeu_ps(dst + j, xp_bf16x16(w + j));
+        for (; j < cols; j++)
+            dst[j] = xp_bf16_to_f32(w[j]);
         return;
     }
     xp_decode_row_ref(l, r, dst);
@@ -74,7 +78,8 @@ XP_AVX512 float xp_dot_avx512(const float *a, const float *b, int64_t n)
         i += 16;
     }
     float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++)
+        s += a[i] * b[i];
     return s;
 }
 
@@ -85,28 +90,31 @@ XP_AVX512 void xp_dot4_avx512(const float *x, int64_t ldx, const float *w, int64
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
         __m512 w0 = _mm512_loadu_ps(w + i), w1 = _mm512_loadu_ps(w + i + 16);
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+        {
             a0[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
             a1[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i + 16), w1, a1[k]);
         }
     }
     if (i + 16 <= n) {
         __m512 w0 = _mm512_loadu_ps(w + i);
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
-            a0[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) a0[k] =
+            _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
         i += 16;
     }
-    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+    {
         float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[k], a1[k]));
-        for (int64_t j = i; j < n; j++) s += x[k * ldx + j] * w[j];
+        for (int64_t j = i; j < n; j++)
+            s += x[k * ldx + j] * w[j];
         out[k] = s;
     }
 }
 
 /* Eight dots: x rows 0..3 against weight rows w0 and w1 (w1 = w0 + ldw), each in
  * xp_dot_avx512's order. Two weight rows per pass halve the x loads per FMA. */
-XP_AVX512 void xp_dot2x4_avx512(const float *x, int64_t ldx, const float *w, int64_t ldw,
-                                int64_t n, float *out)
+XP_AVX512 void xp_dot2x4_avx512(const float *x, int64_t ldx, const float *w, int64_t ldw, int64_t n,
+                                float *out)
 {
     __m512 a0[8], a1[8];
     _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) a0[k] = a1[k] = _mm512_setzero_ps();
@@ -114,8 +122,10 @@ XP_AVX512 void xp_dot2x4_avx512(const float *x, int64_t ldx, const float *w, int
     for (; i + 32 <= n; i += 32) {
         __m512 u0 = _mm512_loadu_ps(w + i), u1 = _mm512_loadu_ps(w + i + 16);
         __m512 v0 = _mm512_loadu_ps(w + ldw + i), v1 = _mm512_loadu_ps(w + ldw + i + 16);
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
-            __m512 x0 = _mm512_loadu_ps(x + k * ldx + i), x1 = _mm512_loadu_ps(x + k * ldx + i + 16);
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+        {
+            __m512 x0 = _mm512_loadu_ps(x + k * ldx + i),
+                   x1 = _mm512_loadu_ps(x + k * ldx + i + 16);
             a0[k] = _mm512_fmadd_ps(x0, u0, a0[k]);
             a1[k] = _mm512_fmadd_ps(x1, u1, a1[k]);
             a0[4 + k] = _mm512_fmadd_ps(x0, v0, a0[4 + k]);
@@ -124,17 +134,20 @@ XP_AVX512 void xp_dot2x4_avx512(const float *x, int64_t ldx, const float *w, int
     }
     if (i + 16 <= n) {
         __m512 u0 = _mm512_loadu_ps(w + i), v0 = _mm512_loadu_ps(w + ldw + i);
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+        {
             __m512 x0 = _mm512_loadu_ps(x + k * ldx + i);
             a0[k] = _mm512_fmadd_ps(x0, u0, a0[k]);
             a0[4 + k] = _mm512_fmadd_ps(x0, v0, a0[4 + k]);
         }
         i += 16;
     }
-    _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) {
+    _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
+    {
         const float *wr = w + (k >= 4 ? ldw : 0), *xr = x + (k % 4) * ldx;
         float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[k], a1[k]));
-        for (int64_t j = i; j < n; j++) s += xr[j] * wr[j];
+        for (int64_t j = i; j < n; j++)
+            s += xr[j] * wr[j];
         out[k] = s;
     }
 }
@@ -150,46 +163,52 @@ xp_fused512_n(const xp_linear *l, int64_t r, const float *x, int64_t ldx, float 
     if (l->dtype == XP_F8_E4M3) {
         const uint8_t *q = (const uint8_t *)l->w + r * cols;
         const float *s = l->scale + (r / l->br) * l->nbc;
-        __m512 s256 = _mm512_setzero_ps();
+        __m512 S = _mm512_setzero_ps();
         for (int64_t b = 0; b < l->nbc; b++) {
             int64_t end = (b + 1) * l->bc < cols ? (b + 1) * l->bc : cols;
-            s256 = _mm512_set1_ps(s[b] * 256.0f);
+            S = _mm512_set1_ps(s[b] * 0x1p120f);
             for (; i + 32 <= end; i += 32) {
                 __m512 w0, w1;
-                xp_fp8x32(q + i, s256, &w0, &w1);
-                _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) {
+                xp_fp8x32(q + i, S, &w0, &w1);
+                _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
+                {
                     a0[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
                     a1[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i + 16), w1, a1[k]);
                 }
             }
         }
         if (i + 16 <= cols) {
-            __m512 w0 = xp_fp8x16_512(q + i, s256);
-            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
-                a0[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
+            __m512 w0 = xp_fp8x16_512(q + i, S);
+            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) a0[k] =
+                _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
             i += 16;
         }
-        for (int64_t j = i; j < cols; j++) tail_w[j - i] = xp_fp8_e4m3_to_f32(q[j]) * s[j / l->bc];
+        for (int64_t j = i; j < cols; j++)
+            tail_w[j - i] = xp_fp8_e4m3_to_f32(q[j]) * s[j / l->bc];
     } else {
         const uint16_t *h = (const uint16_t *)l->w + r * cols;
         for (; i + 32 <= cols; i += 32) {
             __m512 w0 = xp_bf16x16(h + i), w1 = xp_bf16x16(h + i + 16);
-            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) {
+            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
+            {
                 a0[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
                 a1[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i + 16), w1, a1[k]);
             }
         }
         if (i + 16 <= cols) {
             __m512 w0 = xp_bf16x16(h + i);
-            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
-                a0[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
+            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) a0[k] =
+                _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
             i += 16;
         }
-        for (int64_t j = i; j < cols; j++) tail_w[j - i] = xp_bf16_to_f32(h[j]);
+        for (int64_t j = i; j < cols; j++)
+            tail_w[j - i] = xp_bf16_to_f32(h[j]);
     }
-    _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) {
+    _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
+    {
         float acc = _mm512_reduce_add_ps(_mm512_add_ps(a0[k], a1[k]));
-        for (int64_t j = i; j < cols; j++) acc += x[k * ldx + j] * tail_w[j - i];
+        for (int64_t j = i; j < cols; j++)
+            acc += x[k * ldx + j] * tail_w[j - i];
         out[k] = acc;
     }
 }
@@ -200,11 +219,20 @@ XP_AVX512 void xp_fused_rows_avx512(const xp_linear *l, int64_t r0, int64_t r1, 
     float o[4];
     for (int64_t r = r0; r < r1; r++) {
         switch (n) {
-        case 1: xp_fused512_n(l, r, x, l->cols, o, 1); break;
-        case 2: xp_fused512_n(l, r, x, l->cols, o, 2); break;
-        case 3: xp_fused512_n(l, r, x, l->cols, o, 3); break;
-        default: xp_fused512_n(l, r, x, l->cols, o, 4); break;
+        case 1:
+            xp_fused512_n(l, r, x, l->cols, o, 1);
+            break;
+        case 2:
+            xp_fused512_n(l, r, x, l->cols, o, 2);
+            break;
+        case 3:
+            xp_fused512_n(l, r, x, l->cols, o, 3);
+            break;
+        default:
+            xp_fused512_n(l, r, x, l->cols, o, 4);
+            break;
         }
-        for (int i = 0; i < n; i++) y[(size_t)i * l->rows + r] = o[i];
+        for (int i = 0; i < n; i++)
+            y[(size_t)i * l->rows + r] = o[i];
     }
 }

@@ -28,7 +28,8 @@ static tk_weight make_weight(xp_dtype dt, int64_t rows, int64_t cols, int br, in
         float v = (float)tu_rng_normal(&r);
         if (dt == XP_F8_E4M3) {
             uint8_t c;
-            do c = (uint8_t)tu_rng_u64(&r);
+            do
+                c = (uint8_t)tu_rng_u64(&r);
             while ((c & 0x7f) == 0x7f); /* NaN codes are refused at load */
             ((uint8_t *)k.w)[i] = c;
         } else if (dt == XP_BF16) {
@@ -44,7 +45,9 @@ static tk_weight make_weight(xp_dtype dt, int64_t rows, int64_t cols, int br, in
         k.l.nbc = (cols + bc - 1) / bc;
         size_t ns = (size_t)((rows + br - 1) / br * k.l.nbc);
         k.l.scale = malloc(ns * sizeof(float));
-        for (size_t i = 0; i < ns; i++) k.l.scale[i] = (float)(1e-3 * (1 + tu_rng_uniform(&r)));
+        for (size_t i = 0; i < ns; i++)
+            k.l.scale[i] = (float)(1e-3 * (1 + tu_rng_uniform(&r)));
+        xp_linear_check_scales(&k.l);
     }
     return k;
 }
@@ -62,7 +65,8 @@ static void test_decode_row_matches_reference(void **state)
     int64_t shapes[][2] = {{3, 7}, {5, 130}, {130, 257}, {2, 1024}};
     for (int t = 0; t < 2; t++)
         for (int s = 0; s < 4; s++) {
-            tk_weight k = make_weight(types[t], shapes[s][0], shapes[s][1], 128, 64, (uint64_t)(t * 10 + s));
+            tk_weight k =
+                make_weight(types[t], shapes[s][0], shapes[s][1], 128, 64, (uint64_t)(t * 10 + s));
             float *a = malloc((size_t)k.l.cols * 4), *b = malloc((size_t)k.l.cols * 4);
             for (int64_t r = 0; r < k.l.rows; r++) {
                 xp_decode_row(&k.l, r, a);
@@ -74,6 +78,51 @@ static void test_decode_row_matches_reference(void **state)
             free(b);
             free_weight(&k);
         }
+}
+
+/* The SIMD decode folds 2^120 into the block scale. Tiny (subnormal) and negative scales must
+ * still decode exactly, and scales of 256 or more, where that product would overflow, must take
+ * the reference path rather than turn weights into infinities. */
+static void test_fp8_scale_edges(void **state)
+{
+    static const struct {
+        float scale;
+        int fast;
+    } cases[] = {{1e-40f, 1}, {0x1p-126f, 1}, {-3.0f, 1},  {255.9f, 1},
+                 {256.0f, 0}, {1e30f, 0},     {-300.0f, 0}};
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        tk_weight k = make_weight(XP_F8_E4M3, 6, 256, 4, 64, 40 + c);
+        /* one block of each row keeps an ordinary scale, so rows mix both kinds */
+        for (int64_t i = 0; i < 2 * k.l.nbc; i++)
+            k.l.scale[i] = i % 3 ? cases[c].scale : 0.01f;
+        xp_linear_check_scales(&k.l);
+        assert_int_equal(k.l.fp8_fast, cases[c].fast);
+        float a[256], b[256], x[4 * 256], y[4 * 6], ref[4 * 6];
+        for (int64_t r = 0; r < k.l.rows; r++) {
+            xp_decode_row(&k.l, r, a);
+            xp_decode_row_ref(&k.l, r, b);
+            assert_memory_equal(a, b, sizeof a);
+        }
+        for (int i = 0; i < 4 * 256; i++)
+            x[i] = (float)((i * 7919) % 13) * 0.125f - 0.75f;
+        xp_pool *pool = xp_pool_create(1);
+        float *scratch = malloc(xp_linear_scratch_floats(256) * 4);
+        xp_linear_forward(pool, &scratch, &k.l, x, 4, y);
+        xp_linear_forward_ref(&k.l, x, 4, ref);
+        for (int i = 0; i < 4; i++)
+            for (int64_t r = 0; r < k.l.rows; r++) {
+                /* summation order differs: bound by the sum of the terms' magnitudes */
+                double mag = 0;
+                xp_decode_row_ref(&k.l, r, b);
+                for (int j = 0; j < 256; j++) mag += fabs((double)x[i * 256 + j] * b[j]);
+                float got = y[i * 6 + r], want = ref[i * 6 + r];
+                assert_true(isfinite(got) && isfinite(want));
+                assert_true(fabs((double)got - want) <= 1e-6 * mag);
+            }
+        free(scratch);
+        xp_pool_destroy(pool);
+        free_weight(&k);
+    }
 }
 
 static void test_dot_matches_reference(void **state)
@@ -101,21 +150,26 @@ static void check_linear(xp_dtype dt, int64_t rows, int64_t cols, int threads)
           *ref = malloc((size_t)(n * rows) * 4), *one = malloc((size_t)rows * 4);
     tu_rng r;
     tu_rng_seed(&r, 3);
-    for (int64_t i = 0; i < n * cols; i++) x[i] = (float)tu_rng_normal(&r);
+    for (int64_t i = 0; i < n * cols; i++)
+        x[i] = (float)tu_rng_normal(&r);
     xp_pool *pool = xp_pool_create(threads);
     float **scratch = calloc((size_t)threads, sizeof *scratch);
-    for (int t = 0; t < threads; t++) scratch[t] = malloc(xp_linear_scratch_floats(cols) * 4);
+    for (int t = 0; t < threads; t++)
+        scratch[t] = malloc(xp_linear_scratch_floats(cols) * 4);
     xp_linear_forward(pool, scratch, &k.l, x, n, y);
     xp_linear_forward_ref(&k.l, x, n, ref);
     float mx = 0;
-    for (int64_t i = 0; i < n * rows; i++) mx = fmaxf(mx, fabsf(ref[i]));
-    for (int64_t i = 0; i < n * rows; i++) assert_true(fabsf(y[i] - ref[i]) <= 1e-5f * mx);
+    for (int64_t i = 0; i < n * rows; i++)
+        mx = fmaxf(mx, fabsf(ref[i]));
+    for (int64_t i = 0; i < n * rows; i++)
+        assert_true(fabsf(y[i] - ref[i]) <= 1e-5f * mx);
     /* batch invariance: every row alone gives the same bits as inside the batch of 9 */
     for (int i = 0; i < n; i++) {
         xp_linear_forward(pool, scratch, &k.l, x + i * cols, 1, one);
         assert_memory_equal(one, y + i * rows, (size_t)rows * 4);
     }
-    for (int t = 0; t < threads; t++) free(scratch[t]);
+    for (int t = 0; t < threads; t++)
+        free(scratch[t]);
     free(scratch);
     xp_pool_destroy(pool);
     free(x);
@@ -156,19 +210,52 @@ static void test_pool_runs_every_task_once(void **state)
     for (int round = 0; round < 50; round++) {
         int hits[37] = {0};
         xp_pool_run(p, 37, inc, hits);
-        for (int i = 0; i < 37; i++) assert_int_equal(hits[i], 1);
+        for (int i = 0; i < 37; i++)
+            assert_int_equal(hits[i], 1);
     }
     xp_pool_destroy(p);
+}
+
+typedef struct {
+    int hits[64];
+    int ntasks;
+} pool_round;
+
+static void count_round(void *ctx, int task, int thread)
+{
+    pool_round *r = ctx;
+    if (task >= r->ntasks) abort(); /* a task of another call's size: a stale job */
+    __atomic_fetch_add(&r->hits[task], 1, __ATOMIC_RELAXED);
+}
+
+/* Back-to-back calls with different jobs, as a decode step makes them: a worker late from one
+ * call must never run a task of the next with the old job, nor miss or repeat one. */
+static void test_pool_back_to_back_calls(void **state)
+{
+    for (int threads = 2; threads <= 4; threads++) {
+        xp_pool *p = xp_pool_create(threads);
+        pool_round rounds[2];
+        for (int i = 0; i < 20000; i++) {
+            pool_round *r = &rounds[i % 2];
+            memset(r, 0, sizeof *r);
+            r->ntasks = 2 + (i * 7) % 63;
+            xp_pool_run(p, r->ntasks, count_round, r);
+            for (int t = 0; t < 64; t++) assert_int_equal(r->hits[t], t < r->ntasks);
+        }
+        xp_pool_destroy(p);
+    }
 }
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_decode_row_matches_reference),
+        cmocka_unit_test(test_fp8_scale_edges),
         cmocka_unit_test(test_dot_matches_reference),
         cmocka_unit_test(test_linear_matches_reference_and_is_batch_invariant),
         cmocka_unit_test(test_scalar_fallback),
         cmocka_unit_test(test_pool_runs_every_task_once),
+        cmocka_unit_test(test_pool_back_to_back_calls),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
