@@ -18,9 +18,9 @@ struct xp_runtime {
     xp_kv_cache *kv;
     xp_pool *pool;
     int threads, max_rows, max_ctx;
-    float **scratch; /* per thread, for the linear kernels */
+    float **scratch;     /* per thread, for the linear kernels */
     float **att_scratch; /* per thread, attention scores */
-    float **lora_tmp; /* per thread: rank + widest output */
+    float **lora_tmp;    /* per thread: rank + widest output */
     float *x, *h, *q, *k, *v, *att, *gate, *up, *out;
 };
 
@@ -100,7 +100,8 @@ void xp_runtime_destroy(xp_runtime *rt)
     free(rt->att);
     free(rt->gate);
     free(rt->up);
-    for (int t = 0; rt->lora_tmp && t < rt->threads; t++) free(rt->lora_tmp[t]);
+    for (int t = 0; rt->lora_tmp && t < rt->threads; t++)
+        free(rt->lora_tmp[t]);
     free(rt->lora_tmp);
     free(rt->out);
     xp_pool_destroy(rt->pool);
@@ -122,7 +123,8 @@ static void xp_lora_task(void *ctx, int row, int thread)
 {
     const xp_lora_job *j = ctx;
     const xp_row_group *g = j->b->groups;
-    while (row >= g->row0 + g->nrows) g++;
+    while (row >= g->row0 + g->nrows)
+        g++;
     const xp_lora_mat *lm = g->lora ? xp_lora_get(g->lora, j->layer, j->mod) : NULL;
     if (!lm) return;
     const float *hi = j->h + (size_t)row * j->in;
@@ -130,14 +132,13 @@ static void xp_lora_task(void *ctx, int row, int thread)
     float *oi = j->out + (size_t)row * j->od;
     /* shrink t = scale A h; expand acc = sum_k t[k] Bt[k, :] in k order, added once: each
      * output element sees the same operations whatever else is in the batch */
-    for (int k = 0; k < lm->rank; k++) t[k] = lm->scale * xp_dot(lm->A + (size_t)k * j->in, hi, j->in);
+    for (int k = 0; k < lm->rank; k++)
+        t[k] = lm->scale * xp_dot(lm->A + (size_t)k * j->in, hi, j->in);
     memset(acc, 0, (size_t)j->od * sizeof *acc);
-    for (int k = 0; k < lm->rank; k++) {
-        const float *bk = lm->Bt + (size_t)k * j->od;
-        float tk = t[k];
-        for (int o = 0; o < j->od; o++) acc[o] += tk * bk[o];
-    }
-    for (int o = 0; o < j->od; o++) oi[o] += acc[o];
+    for (int k = 0; k < lm->rank; k++)
+        xp_axpy(t[k], lm->Bt + (size_t)k * j->od, acc, j->od);
+    for (int o = 0; o < j->od; o++)
+        oi[o] += acc[o];
 }
 
 /* out[n, out_dim] = h W^T, plus each adapter's scale * (h A^T) B^T on its rows. */
@@ -148,7 +149,8 @@ static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_modu
     xp_linear_forward(rt->pool, rt->scratch, l, h, b->n, out);
     int any = 0;
     for (int gi = 0; gi < b->n_groups && !any; gi++)
-        any = b->groups[gi].lora && b->groups[gi].nrows && xp_lora_get(b->groups[gi].lora, layer, mod);
+        any = b->groups[gi].lora && b->groups[gi].nrows &&
+              xp_lora_get(b->groups[gi].lora, layer, mod);
     if (!any) return;
     xp_lora_job j = {rt, b, layer, mod, h, out, (int)l->cols, (int)l->rows};
     xp_pool_run(rt->pool, b->n, xp_lora_task, &j);
@@ -185,7 +187,8 @@ static void xp_attention_task(void *ctx, int task, int thread)
     for (int p = 0; p <= pos; p++) {
         const float *v = xp_kv_v(rt->kv, table, j->layer, p) + kvh * d;
         float w = sc[p] * inv;
-        for (int i = 0; i < d; i++) o[i] += w * v[i];
+        for (int i = 0; i < d; i++)
+            o[i] += w * v[i];
     }
 }
 
@@ -196,7 +199,8 @@ static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
     int n = b->n, H = g->num_attention_heads, KV = g->num_key_value_heads, d = g->head_dim;
     int hid = g->hidden_size;
     float eps = (float)g->rms_norm_eps;
-    for (int i = 0; i < n; i++) xp_rmsnorm(rt->x + (size_t)i * hid, L->attn_norm, hid, eps, rt->h + (size_t)i * hid);
+    for (int i = 0; i < n; i++)
+        xp_rmsnorm(rt->x + (size_t)i * hid, L->attn_norm, hid, eps, rt->h + (size_t)i * hid);
     xp_linear_lora(rt, b, layer, XP_MOD_Q, rt->h, rt->q);
     xp_linear_lora(rt, b, layer, XP_MOD_K, rt->h, rt->k);
     xp_linear_lora(rt, b, layer, XP_MOD_V, rt->h, rt->v);
@@ -219,7 +223,8 @@ static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
     xp_att_job j = {rt, b, layer};
     xp_pool_run(rt->pool, n * H, xp_attention_task, &j);
     xp_linear_lora(rt, b, layer, XP_MOD_O, rt->att, rt->out);
-    for (size_t i = 0; i < (size_t)n * hid; i++) rt->x[i] += rt->out[i];
+    for (size_t i = 0; i < (size_t)n * hid; i++)
+        rt->x[i] += rt->out[i];
 }
 
 static void xp_mlp_block(xp_runtime *rt, const xp_batch *b, int layer)
@@ -236,7 +241,8 @@ static void xp_mlp_block(xp_runtime *rt, const xp_batch *b, int layer)
         rt->gate[i] = a / (1.0f + expf(-a)) * rt->up[i]; /* SiLU(gate) * up */
     }
     xp_linear_lora(rt, b, layer, XP_MOD_DOWN, rt->gate, rt->out);
-    for (size_t i = 0; i < (size_t)n * hid; i++) rt->x[i] += rt->out[i];
+    for (size_t i = 0; i < (size_t)n * hid; i++)
+        rt->x[i] += rt->out[i];
 }
 
 int xp_forward(xp_runtime *rt, const xp_batch *b)
@@ -247,7 +253,8 @@ int xp_forward(xp_runtime *rt, const xp_batch *b)
         return xp_fail("batch of %d rows (1..%d supported)", b->n, rt->max_rows);
     for (int i = 0; i < b->n; i++) {
         if (b->tokens[i] < 0 || b->tokens[i] >= g->vocab_size)
-            return xp_fail("token id %d is outside the vocabulary (%d)", b->tokens[i], g->vocab_size);
+            return xp_fail("token id %d is outside the vocabulary (%d)", b->tokens[i],
+                           g->vocab_size);
         if (b->pos[i] < 0 || b->pos[i] >= rt->max_ctx)
             return xp_fail("position %d is outside the context (%d)", b->pos[i], rt->max_ctx);
         xp_linear_row(&rt->m->embed, b->tokens[i], rt->x + (size_t)i * hid);

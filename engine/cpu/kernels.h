@@ -22,6 +22,10 @@ void xp_decode_row_ref(const xp_linear *l, int64_t r, float *dst);
 float xp_dot(const float *a, const float *b, int64_t n);
 float xp_dot_ref(const float *a, const float *b, int64_t n);
 
+/* y += a x, element by element (the LoRA expand); the vector versions fuse the multiply-add. */
+void xp_axpy(float a, const float *x, float *y, int64_t n);
+void xp_axpy_ref(float a, const float *x, float *y, int64_t n);
+
 /* Scratch one thread of xp_linear_forward needs, in floats, for weights up to max_cols wide. */
 size_t xp_linear_scratch_floats(int64_t max_cols);
 

@@ -18,10 +18,19 @@
 static int xp_simd_level = -1; /* -1 unknown, 0 scalar, 1 AVX2, 2 AVX-512 */
 static int xp_forced_scalar;
 
-static const xp_simd xp_simd_avx2 = {xp_dot_avx2,        xp_dot4_avx2,       NULL,
-                                     xp_fused_rows_avx2, xp_decode_row_avx2, 16};
-static const xp_simd xp_simd_avx512 = {xp_dot_avx512,        xp_dot4_avx512,       xp_dot2x4_avx512,
-                                       xp_fused_rows_avx512, xp_decode_row_avx512, 32};
+static const xp_simd xp_simd_avx2 = {.dot = xp_dot_avx2,
+                                     .dot4 = xp_dot4_avx2,
+                                     .fused_rows = xp_fused_rows_avx2,
+                                     .decode_row = xp_decode_row_avx2,
+                                     .axpy = xp_axpy_avx2,
+                                     .fp8_chunk = 16};
+static const xp_simd xp_simd_avx512 = {.dot = xp_dot_avx512,
+                                       .dot4 = xp_dot4_avx512,
+                                       .dot2x4 = xp_dot2x4_avx512,
+                                       .fused_rows = xp_fused_rows_avx512,
+                                       .decode_row = xp_decode_row_avx512,
+                                       .axpy = xp_axpy_avx512,
+                                       .fp8_chunk = 32};
 
 /* The widest kernels this processor runs; XPREC_SIMD=avx2|scalar caps them (tests, A/B). */
 static int xp_cpu_level(void)
@@ -92,6 +101,21 @@ void xp_decode_row(const xp_linear *l, int64_t r, float *dst)
         k->decode_row(l, r, dst);
     else
         xp_decode_row_ref(l, r, dst);
+}
+
+void xp_axpy_ref(float a, const float *x, float *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        y[i] += a * x[i];
+}
+
+void xp_axpy(float a, const float *x, float *y, int64_t n)
+{
+    const xp_simd *k = xp_simd_get();
+    if (k)
+        k->axpy(a, x, y, n);
+    else
+        xp_axpy_ref(a, x, y, n);
 }
 
 float xp_dot(const float *a, const float *b, int64_t n)

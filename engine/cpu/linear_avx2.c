@@ -5,6 +5,7 @@
 #include "simd.h"
 
 #include <immintrin.h>
+#include <math.h>
 
 /* 8 E4M3 codes to F32 by moving their fields into F32's places (see linear_avx512.c): the float
  * read is the value times 2^-120, so multiplying by S = 2^120 * scale gives the weight, rounded
@@ -21,6 +22,18 @@ __attribute__((target("avx2,fma,f16c"))) static inline void xp_fp8x16(const uint
 {
     *lo = xp_fp8x8(q, S);
     *hi = xp_fp8x8(q + 8, S);
+}
+
+__attribute__((target("avx2,fma,f16c"))) void xp_axpy_avx2(float a, const float *x, float *y,
+                                                           int64_t n)
+{
+    __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i,
+                         _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++)
+        y[i] = fmaf(a, x[i], y[i]);
 }
 
 __attribute__((target("avx2,fma,f16c"))) void xp_decode_row_avx2(const xp_linear *l, int64_t r,

@@ -6,6 +6,7 @@
 #include "simd.h"
 
 #include <immintrin.h>
+#include <math.h>
 
 #define XP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
@@ -63,6 +64,17 @@ XP_AVX512 void xp_decode_row_avx512(const xp_linear *l, int64_t r, float *dst)
         return;
     }
     xp_decode_row_ref(l, r, dst);
+}
+
+XP_AVX512 void xp_axpy_avx512(float a, const float *x, float *y, int64_t n)
+{
+    __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i,
+                         _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    for (; i < n; i++)
+        y[i] = fmaf(a, x[i], y[i]);
 }
 
 XP_AVX512 float xp_dot_avx512(const float *a, const float *b, int64_t n)

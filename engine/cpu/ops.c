@@ -8,9 +8,11 @@
 void xp_rmsnorm(const float *x, const float *w, int dim, float eps, float *y)
 {
     double ss = 0;
-    for (int i = 0; i < dim; i++) ss += (double)x[i] * x[i];
+    for (int i = 0; i < dim; i++)
+        ss += (double)x[i] * x[i];
     float r = (float)(1.0 / sqrt(ss / dim + eps));
-    for (int i = 0; i < dim; i++) y[i] = x[i] * r * w[i];
+    for (int i = 0; i < dim; i++)
+        y[i] = x[i] * r * w[i];
 }
 
 /* Rotate-half RoPE on one head: pairs (i, i + d/2) turn by pos * inv_freq[i]. */

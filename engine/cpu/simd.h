@@ -14,12 +14,11 @@ typedef struct {
     void (*dot4)(const float *x, int64_t ldx, const float *w, int64_t n, float *out);
     /* eight dots: x rows 0..3 with weight rows w and w + ldw (out[k] row k%4, weight k/4); may
      * be NULL where registers are too few */
-    void (*dot2x4)(const float *x, int64_t ldx, const float *w, int64_t ldw, int64_t n,
-                   float *out);
+    void (*dot2x4)(const float *x, int64_t ldx, const float *w, int64_t ldw, int64_t n, float *out);
     /* y[i, r] for weight rows [r0, r1) and n <= 4 x rows, decoding W in registers */
-    void (*fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n,
-                       float *y);
+    void (*fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y);
     void (*decode_row)(const xp_linear *l, int64_t r, float *dst);
+    void (*axpy)(float a, const float *x, float *y, int64_t n);
     int fp8_chunk; /* codes decoded at once: FP8 block widths must be a multiple */
 } xp_simd;
 
@@ -28,6 +27,7 @@ void xp_dot4_avx2(const float *x, int64_t ldx, const float *w, int64_t n, float 
 void xp_fused_rows_avx2(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n,
                         float *y);
 void xp_decode_row_avx2(const xp_linear *l, int64_t r, float *dst);
+void xp_axpy_avx2(float a, const float *x, float *y, int64_t n);
 
 float xp_dot_avx512(const float *a, const float *b, int64_t n);
 void xp_dot4_avx512(const float *x, int64_t ldx, const float *w, int64_t n, float *out);
@@ -36,5 +36,6 @@ void xp_dot2x4_avx512(const float *x, int64_t ldx, const float *w, int64_t ldw, 
 void xp_fused_rows_avx512(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n,
                           float *y);
 void xp_decode_row_avx512(const xp_linear *l, int64_t r, float *dst);
+void xp_axpy_avx512(float a, const float *x, float *y, int64_t n);
 
 #endif

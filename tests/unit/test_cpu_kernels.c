@@ -142,6 +142,24 @@ static void test_dot_matches_reference(void **state)
     }
 }
 
+static void test_axpy_matches_reference(void **state)
+{
+    tu_rng r;
+    tu_rng_seed(&r, 9);
+    for (int n = 0; n < 300; n += 13) {
+        float x[300], y[300], want[300], a = (float)tu_rng_normal(&r);
+        for (int i = 0; i < n; i++) {
+            x[i] = (float)tu_rng_normal(&r);
+            y[i] = want[i] = (float)tu_rng_normal(&r);
+        }
+        xp_axpy(a, x, y, n);
+        xp_axpy_ref(a, x, want, n);
+        /* fused or not, one rounding apart */
+        for (int i = 0; i < n; i++)
+            assert_true(fabsf(y[i] - want[i]) <= 1e-6f * (fabsf(want[i]) + fabsf(a * x[i])));
+    }
+}
+
 static void check_linear(xp_dtype dt, int64_t rows, int64_t cols, int threads)
 {
     tk_weight k = make_weight(dt, rows, cols, 32, 64, (uint64_t)(rows * 31 + cols));
@@ -252,6 +270,7 @@ int main(void)
         cmocka_unit_test(test_decode_row_matches_reference),
         cmocka_unit_test(test_fp8_scale_edges),
         cmocka_unit_test(test_dot_matches_reference),
+        cmocka_unit_test(test_axpy_matches_reference),
         cmocka_unit_test(test_linear_matches_reference_and_is_batch_invariant),
         cmocka_unit_test(test_scalar_fallback),
         cmocka_unit_test(test_pool_runs_every_task_once),
