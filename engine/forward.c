@@ -20,7 +20,8 @@ struct xp_runtime {
     int threads, max_rows, max_ctx;
     float **scratch;     /* per thread, for the linear kernels */
     float **att_scratch; /* per thread, attention scores */
-    float **lora_tmp;    /* per thread: rank + widest output */
+    float **lora_tmp;    /* per thread: an expand run of outputs */
+    float *lora_t;       /* [max_rows, XP_MAX_LORA_RANK]: each row's shrunk input */
     float *x, *h, *q, *k, *v, *att, *gate, *up, *out;
 };
 
@@ -62,6 +63,7 @@ xp_runtime *xp_runtime_create(const xp_model *m, xp_kv_cache *kv, int threads, i
     }
     size_t n = (size_t)max_rows, qd = (size_t)g->num_attention_heads * (size_t)g->head_dim,
            kvd = (size_t)g->num_key_value_heads * (size_t)g->head_dim;
+    rt->lora_t = xp_falloc(n * XP_MAX_LORA_RANK);
     rt->x = xp_falloc(n * (size_t)g->hidden_size);
     rt->h = xp_falloc(n * (size_t)g->hidden_size);
     rt->q = xp_falloc(n * qd);
@@ -73,8 +75,8 @@ xp_runtime *xp_runtime_create(const xp_model *m, xp_kv_cache *kv, int threads, i
 
     rt->out = xp_falloc(n * (size_t)(g->hidden_size > g->intermediate_size ? g->hidden_size
                                                                            : g->intermediate_size));
-    if (!rt->x || !rt->h || !rt->q || !rt->k || !rt->v || !rt->att || !rt->gate || !rt->up ||
-        !rt->out)
+    if (!rt->lora_t || !rt->x || !rt->h || !rt->q || !rt->k || !rt->v || !rt->att || !rt->gate ||
+        !rt->up || !rt->out)
         goto oom;
     return rt;
 oom:
@@ -92,6 +94,7 @@ void xp_runtime_destroy(xp_runtime *rt)
     }
     free(rt->scratch);
     free(rt->att_scratch);
+    free(rt->lora_t);
     free(rt->x);
     free(rt->h);
     free(rt->q);
@@ -108,6 +111,9 @@ void xp_runtime_destroy(xp_runtime *rt)
     free(rt);
 }
 
+#define XP_LORA_SHRINK_K 4   /* ranks per shrink task */
+#define XP_LORA_EXPAND_O 512 /* outputs per expand task */
+
 typedef struct {
     xp_runtime *rt;
     const xp_batch *b;
@@ -116,28 +122,45 @@ typedef struct {
     const float *h;
     float *out;
     int in, od;
+    int shrink_tasks, expand_tasks; /* per row */
 } xp_lora_job;
 
-/* One row's update out += B (scale A h), for the row's adapter. */
-static void xp_lora_task(void *ctx, int row, int thread)
+static const xp_lora_mat *xp_lora_row(const xp_lora_job *j, int row)
 {
-    const xp_lora_job *j = ctx;
     const xp_row_group *g = j->b->groups;
     while (row >= g->row0 + g->nrows)
         g++;
-    const xp_lora_mat *lm = g->lora ? xp_lora_get(g->lora, j->layer, j->mod) : NULL;
+    return g->lora ? xp_lora_get(g->lora, j->layer, j->mod) : NULL;
+}
+
+/* t[row, k] = scale A_k . h_row, for a few k of one row. */
+static void xp_lora_shrink_task(void *ctx, int task, int thread)
+{
+    const xp_lora_job *j = ctx;
+    int row = task / j->shrink_tasks, k0 = task % j->shrink_tasks * XP_LORA_SHRINK_K;
+    const xp_lora_mat *lm = xp_lora_row(j, row);
     if (!lm) return;
     const float *hi = j->h + (size_t)row * j->in;
-    float *t = j->rt->lora_tmp[thread], *acc = t + XP_MAX_LORA_RANK;
-    float *oi = j->out + (size_t)row * j->od;
-    /* shrink t = scale A h; expand acc = sum_k t[k] Bt[k, :] in k order, added once: each
-     * output element sees the same operations whatever else is in the batch */
-    for (int k = 0; k < lm->rank; k++)
+    float *t = j->rt->lora_t + (size_t)row * XP_MAX_LORA_RANK;
+    for (int k = k0; k < lm->rank && k < k0 + XP_LORA_SHRINK_K; k++)
         t[k] = lm->scale * xp_dot(lm->A + (size_t)k * j->in, hi, j->in);
-    memset(acc, 0, (size_t)j->od * sizeof *acc);
+}
+
+/* out[row, o] += sum_k t[row, k] Bt[k, o] for a run of outputs of one row: summed in k order and
+ * added once, so each output element sees the same operations whatever the batch and split. */
+static void xp_lora_expand_task(void *ctx, int task, int thread)
+{
+    const xp_lora_job *j = ctx;
+    int row = task / j->expand_tasks, o0 = task % j->expand_tasks * XP_LORA_EXPAND_O;
+    const xp_lora_mat *lm = xp_lora_row(j, row);
+    if (!lm) return;
+    int len = j->od - o0 < XP_LORA_EXPAND_O ? j->od - o0 : XP_LORA_EXPAND_O;
+    const float *t = j->rt->lora_t + (size_t)row * XP_MAX_LORA_RANK;
+    float *acc = j->rt->lora_tmp[thread], *oi = j->out + (size_t)row * j->od + o0;
+    memset(acc, 0, (size_t)len * sizeof *acc);
     for (int k = 0; k < lm->rank; k++)
-        xp_axpy(t[k], lm->Bt + (size_t)k * j->od, acc, j->od);
-    for (int o = 0; o < j->od; o++)
+        xp_axpy(t[k], lm->Bt + (size_t)k * j->od + o0, acc, len);
+    for (int o = 0; o < len; o++)
         oi[o] += acc[o];
 }
 
@@ -152,8 +175,23 @@ static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_modu
         any = b->groups[gi].lora && b->groups[gi].nrows &&
               xp_lora_get(b->groups[gi].lora, layer, mod);
     if (!any) return;
-    xp_lora_job j = {rt, b, layer, mod, h, out, (int)l->cols, (int)l->rows};
-    xp_pool_run(rt->pool, b->n, xp_lora_task, &j);
+    /* shrink then expand, each split finely enough that a single row keeps every thread busy */
+    int max_rank = 0;
+    for (int gi = 0; gi < b->n_groups; gi++)
+        if (b->groups[gi].lora && b->groups[gi].lora->max_rank > max_rank)
+            max_rank = b->groups[gi].lora->max_rank;
+    xp_lora_job j = {rt,
+                     b,
+                     layer,
+                     mod,
+                     h,
+                     out,
+                     (int)l->cols,
+                     (int)l->rows,
+                     (max_rank + XP_LORA_SHRINK_K - 1) / XP_LORA_SHRINK_K,
+                     ((int)l->rows + XP_LORA_EXPAND_O - 1) / XP_LORA_EXPAND_O};
+    xp_pool_run(rt->pool, b->n * j.shrink_tasks, xp_lora_shrink_task, &j);
+    xp_pool_run(rt->pool, b->n * j.expand_tasks, xp_lora_expand_task, &j);
 }
 
 typedef struct {
