@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 typedef struct {
@@ -403,7 +404,7 @@ static int xp_extract(const xp_extract_args *a)
     float *wb = NULL, *wt = NULL;
     size_t n = 0, ndrop = 0;
     xp_spill sp = {0};
-    int rc = -1;
+    int rc = -1, made_out = 0;
     double t0 = xp_now();
     if (xp_ckpt_open(a->base, &base) < 0 || xp_ckpt_open(a->tuned, &tuned) < 0) goto done;
     if (tuned->quant.kind != XP_QUANT_NONE) {
@@ -425,6 +426,10 @@ static int xp_extract(const xp_extract_args *a)
         if ((size_t)(o * i) > maxel) maxel = (size_t)(o * i);
         if (a->targets & (1u << m)) bytes += (uint64_t)(o * i) * 2 * cfg->num_hidden_layers;
     }
+    /* a directory we create is removed again if the extraction fails (only while empty: rmdir
+     * never takes anything the user put there) */
+    struct stat st_out;
+    made_out = stat(a->out, &st_out) != 0;
     if (xp_mkdir(a->out) < 0 || xp_spill_open(&sp, a->out) < 0) goto done;
     mods = calloc(total, sizeof *mods);
     wb = malloc(maxel * sizeof *wb);
@@ -516,6 +521,7 @@ done:
     free(wt);
     xp_ckpt_close(base);
     xp_ckpt_close(tuned);
+    if (rc < 0 && made_out) rmdir(a->out);
     return rc;
 }
 

@@ -181,6 +181,14 @@ def test_unchanged_and_bad_input(models, tmp_path):
     p = run("extract", "--base", base, "--tuned", base, "--out", tmp_path / "x", "--rank", 4,
             check=False)
     assert p.returncode == 1 and "nothing to extract" in p.stderr
+    # a failed run leaves no empty output directory behind, and never removes one it did not make
+    assert not (tmp_path / "x").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    p = run("extract", "--base", base, "--tuned", base, "--out", mine, "--rank", 4, check=False)
+    assert p.returncode == 1 and (mine / "notes.txt").read_text() == "keep me"
+    assert sorted(f.name for f in mine.iterdir()) == ["notes.txt"]
     p = run("extract", "--base", base, "--tuned", fp8, "--out", tmp_path / "x", "--rank", 4,
             check=False)
     assert p.returncode == 1 and "xprec extract:" in p.stderr and "FP8" in p.stderr
