@@ -27,8 +27,10 @@ static void xp_select_top(const float *x, int32_t *idx, int n, int k)
         float pivot = x[idx[(lo + hi) / 2]];
         int i = lo, j = hi;
         while (i <= j) {
-            while (x[idx[i]] > pivot) i++;
-            while (x[idx[j]] < pivot) j--;
+            while (x[idx[i]] > pivot)
+                i++;
+            while (x[idx[j]] < pivot)
+                j--;
             if (i <= j) {
                 int32_t t = idx[i];
                 idx[i++] = idx[j];
@@ -44,42 +46,62 @@ static void xp_select_top(const float *x, int32_t *idx, int n, int k)
     }
 }
 
+/* Descending by p, ties by id, the first n of idx. */
+static void xp_sort_desc(float *p, int32_t *idx, int n)
+{
+    qsort_r(idx, (size_t)n, sizeof *idx, xp_cmp_desc, p);
+}
+
+/* Draws from idx[0..n) with weights p[idx[i]], scanning in idx order. */
+static int32_t xp_draw(const float *p, const int32_t *idx, int n, xp_rng *rng)
+{
+    double sum = 0;
+    for (int i = 0; i < n; i++)
+        sum += p[idx[i]];
+    double u = xp_rng_uniform(rng) * sum, c = 0;
+    for (int i = 0; i < n; i++) {
+        c += p[idx[i]];
+        if (u < c) return idx[i];
+    }
+    return idx[n - 1];
+}
+
+/* Why no full sort: with Qwen's 151936 tokens a sort costs some 10 ms a token, as much as a
+ * decode step. Plain temperature sampling draws in id order; top-k sorts only its k; top-p sorts
+ * a growing head until it holds the nucleus (usually a few hundred tokens). */
 int32_t xp_sample(float *logits, int vocab, const xp_sampling *s, xp_rng *rng, int32_t *idx)
 {
     if (s->temperature <= 0) return xp_argmax(logits, vocab);
     int n = vocab;
-    for (int i = 0; i < vocab; i++) idx[i] = i;
+    for (int i = 0; i < vocab; i++)
+        idx[i] = i;
     if (s->top_k > 0 && s->top_k < n) {
         xp_select_top(logits, idx, n, s->top_k);
         n = s->top_k;
     }
-    /* candidates largest first, ties by id, so a seed always picks the same token */
-    qsort_r(idx, (size_t)n, sizeof *idx, xp_cmp_desc, logits);
-    float mx = logits[idx[0]];
-    double sum = 0;
+    /* weights exp((l - max) / T), in place */
+    float mx = logits[xp_argmax(logits, vocab)];
+    double total = 0;
     for (int i = 0; i < n; i++) {
         float p = expf((logits[idx[i]] - mx) / s->temperature);
         logits[idx[i]] = p;
-        sum += p;
+        total += p;
     }
-    if (s->top_p > 0 && s->top_p < 1) {
+    int top_p = s->top_p > 0 && s->top_p < 1;
+    if (!top_p) {
+        if (n < vocab) xp_sort_desc(logits, idx, n); /* top-k: a fixed order for the seed */
+        return xp_draw(logits, idx, n, rng);
+    }
+    /* the nucleus: the shortest run of the most likely tokens holding top_p of the mass */
+    double want = s->top_p * total;
+    for (int head = n < 256 ? n : 256;; head = head * 4 < n ? head * 4 : n) {
+        if (head < n) xp_select_top(logits, idx, n, head);
+        xp_sort_desc(logits, idx, head);
         double c = 0;
-        int keep = n;
-        for (int i = 0; i < n; i++) {
-            c += logits[idx[i]] / sum;
-            if (c >= s->top_p) {
-                keep = i + 1;
-                break;
-            }
+        for (int i = 0; i < head; i++) {
+            c += logits[idx[i]];
+            if (c >= want) return xp_draw(logits, idx, i + 1, rng);
         }
-        n = keep;
-        sum = 0;
-        for (int i = 0; i < n; i++) sum += logits[idx[i]];
+        if (head == n) return xp_draw(logits, idx, n, rng);
     }
-    double u = xp_rng_uniform(rng) * sum, c = 0;
-    for (int i = 0; i < n; i++) {
-        c += logits[idx[i]];
-        if (u < c) return idx[i];
-    }
-    return idx[n - 1];
 }
