@@ -21,7 +21,8 @@ static void xp_seq_free(xp_seq *s)
     if (!s) return;
     free(s->tokens);
     free(s->blocks);
-    for (size_t i = 0; i < s->n_stop; i++) free(s->stop[i]);
+    for (size_t i = 0; i < s->n_stop; i++)
+        free(s->stop[i]);
     free(s->stop);
     free(s->stop_ids);
     xp_detok_free(&s->detok);
@@ -38,7 +39,8 @@ static int xp_seq_prompt(xp_engine *e, const xp_request *r, xp_seq *s)
         for (size_t i = 0; i < r->n_tokens; i++)
             if (r->tokens[i] < 0 || r->tokens[i] >= e->model->cfg.vocab_size)
                 return xp_fail("token id %d is outside the vocabulary", r->tokens[i]);
-        if (!(ids = malloc((r->n_tokens ? r->n_tokens : 1) * sizeof *ids))) return xp_fail("out of memory");
+        if (!(ids = malloc((r->n_tokens ? r->n_tokens : 1) * sizeof *ids)))
+            return xp_fail("out of memory");
         memcpy(ids, r->tokens, r->n_tokens * sizeof *ids);
         n = r->n_tokens;
     } else if (r->messages) {
@@ -194,8 +196,8 @@ static void xp_finish_seq(xp_engine *e, xp_seq *s, xp_finish why, size_t upto)
     ev.text = xp_strndup0(s->text ? s->text + s->sent : "", ev.text_len);
     ev.prompt_tokens = s->n_prompt;
     ev.completion_tokens = s->n_tokens - s->n_prompt;
-    if (s->admitted) xp_kv_release(&e->kv, s->blocks, s->n_blocks);
-    if (s->ad) xp_adapter_release(e, s->ad, s->admitted);
+    xp_kv_release(&e->kv, s->blocks, s->n_blocks);
+    if (s->ad) xp_adapter_release(e, s->ad, s->pinned);
     pthread_mutex_lock(&e->mu);
     e->st.requests_done++;
     pthread_mutex_unlock(&e->mu);
@@ -206,8 +208,8 @@ static void xp_finish_seq(xp_engine *e, xp_seq *s, xp_finish why, size_t upto)
 static void xp_fail_seq(xp_engine *e, xp_seq *s, const char *msg)
 {
     xp_event ev = {.id = s->id, .type = XP_EV_ERROR, .error = strdup(msg)};
-    if (s->admitted) xp_kv_release(&e->kv, s->blocks, s->n_blocks);
-    if (s->ad) xp_adapter_release(e, s->ad, s->admitted);
+    xp_kv_release(&e->kv, s->blocks, s->n_blocks);
+    if (s->ad) xp_adapter_release(e, s->ad, s->pinned);
     xp_queue_push(s->q, &ev);
     xp_seq_free(s);
 }
@@ -260,7 +262,8 @@ static int xp_accept_token(xp_engine *e, xp_seq *s, int32_t tok)
     }
     /* a stop string may start anywhere in the text not yet sent: the text ends before it */
     for (size_t i = 0; i < s->n_stop; i++) {
-        char *hit = memmem(s->text + s->sent, s->text_len - s->sent, s->stop[i], strlen(s->stop[i]));
+        char *hit =
+            memmem(s->text + s->sent, s->text_len - s->sent, s->stop[i], strlen(s->stop[i]));
         if (hit) {
             xp_emit_text(s, tok, (size_t)(hit - s->text));
             xp_finish_seq(e, s, XP_FINISH_STOP, s->sent);
@@ -297,7 +300,8 @@ static void xp_take_incoming(xp_engine *e, uint64_t **cancels, size_t *n_cancels
         in = n;
     }
     xp_seq **tail = &e->waiting;
-    while (*tail) tail = &(*tail)->next;
+    while (*tail)
+        tail = &(*tail)->next;
     *tail = rev;
     *cancels = e->cancels;
     *n_cancels = e->n_cancels;
@@ -335,26 +339,29 @@ static void xp_apply_cancels(xp_engine *e, const uint64_t *ids, size_t n)
 }
 
 /* Moves waiting requests into the running set while slots, adapters and blocks allow, in
- * arrival order; one that must wait does not hold back later ones that fit. */
+ * order (requests sent back by preemption first); one that must wait does not hold back later
+ * ones that fit. A request takes blocks for the tokens it has, not for all it may generate: it
+ * grows block by block (xp_grow), so requests that leave max_tokens open do not each claim the
+ * whole context. One free block per running request stays in hand for that growth. */
 static void xp_admit(xp_engine *e)
 {
     for (xp_seq **p = &e->waiting; *p && e->n_running < e->o.max_batch;) {
         xp_seq *s = *p;
-        int need = xp_kv_blocks_for((int64_t)s->n_prompt + s->max_new);
-        if (need > e->kv.n_free) {
+        int need = xp_kv_blocks_for(s->n_tokens);
+        if (need > e->kv.n_free - e->n_running) {
             p = &s->next;
             continue;
         }
-        if (!(s->blocks = malloc((size_t)need * sizeof *s->blocks))) {
+        if (!s->blocks &&
+            !(s->blocks = malloc((size_t)xp_kv_blocks_for((int64_t)s->n_prompt + s->max_new) *
+                                 sizeof *s->blocks))) {
             *p = s->next;
             xp_fail_seq(e, s, "out of memory");
             continue;
         }
-        if (s->ad) {
+        if (s->ad && !s->pinned) {
             int rc = xp_adapter_acquire(e, s->ad);
             if (rc == 0) { /* every slot holds an adapter in use: wait for one to go idle */
-                free(s->blocks);
-                s->blocks = NULL;
                 p = &s->next;
                 continue;
             }
@@ -363,14 +370,56 @@ static void xp_admit(xp_engine *e)
                 xp_fail_seq(e, s, xp_last_error());
                 continue;
             }
+            s->pinned = 1;
         }
         xp_kv_alloc(&e->kv, need, s->blocks);
         s->n_blocks = need;
-        s->admitted = 1;
         *p = s->next;
         s->next = NULL;
         e->run[e->n_running++] = s;
     }
+}
+
+/* Sends run[i] back to the front of the waiting list: its blocks go back now, and when it is
+ * admitted again it recomputes its KV from its tokens (prompt and generated so far). The
+ * forward pass gives the same bits for a row whatever the batch, so the recomputed cache, and
+ * everything generated after it, is what it would have been. */
+static void xp_preempt(xp_engine *e, int i)
+{
+    xp_seq *s = e->run[i];
+    xp_kv_release(&e->kv, s->blocks, s->n_blocks);
+    s->n_blocks = 0;
+    s->n_cached = 0;
+    s->next = e->waiting;
+    e->waiting = s;
+    e->run[i] = NULL;
+    pthread_mutex_lock(&e->mu);
+    e->st.preemptions++;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Gives every running sequence the blocks its tokens need, oldest first. When none are free the
+ * newest running sequence makes room (possibly the one growing): the oldest keep going, and a
+ * sequence alone always fits because the context is capped at the cache's size. */
+static void xp_grow(xp_engine *e)
+{
+    for (int i = 0; i < e->n_running; i++) {
+        xp_seq *s = e->run[i];
+        if (!s) continue;
+        int need = xp_kv_blocks_for(s->n_tokens) - s->n_blocks;
+        while (need > e->kv.n_free) {
+            int victim = e->n_running - 1;
+            while (!e->run[victim])
+                victim--;
+            xp_preempt(e, victim);
+            if (victim == i) break;
+        }
+        if (e->run[i] && need > 0) {
+            xp_kv_alloc(&e->kv, need, s->blocks + s->n_blocks);
+            s->n_blocks += need;
+        }
+    }
+    xp_compact(e);
 }
 
 static int xp_cmp_seq_adapter(const void *a, const void *b)
@@ -384,6 +433,7 @@ static int xp_cmp_seq_adapter(const void *a, const void *b)
 /* One forward pass over the running set. */
 static void xp_step(xp_engine *e)
 {
+    xp_grow(e);
     int n = e->n_running, budget = e->o.prefill_chunk, rows = 0, ns = 0;
     xp_seq **seqs = e->batch_seqs;
     /* decode rows first, one per generating sequence, then prefill chunks with the rows left */
@@ -424,8 +474,9 @@ static void xp_step(xp_engine *e)
             e->b_out_rows[nout++] = r - 1;
         }
     }
-    xp_batch b = {rows, e->b_tokens, e->b_pos, (const int32_t *const *)e->b_tables, ng, e->b_groups,
-                  nout, e->b_out_rows, e->logits};
+    xp_batch b = {rows,     e->b_tokens, e->b_pos, (const int32_t *const *)e->b_tables,
+                  ng,       e->b_groups, nout,     e->b_out_rows,
+                  e->logits};
     if (e->be->forward(e->rt, &b) < 0) {
         /* a bug or a resource failure: end the sequences of this batch with the reason */
         char msg[512];
@@ -438,7 +489,8 @@ static void xp_step(xp_engine *e)
         xp_compact(e);
         return;
     }
-    for (int i = 0; i < ns; i++) seqs[i]->n_cached += seqs[i]->take;
+    for (int i = 0; i < ns; i++)
+        seqs[i]->n_cached += seqs[i]->take;
     pthread_mutex_lock(&e->mu);
     e->st.steps++;
     e->st.prompt_tokens += (uint64_t)(rows - nout);
@@ -447,7 +499,8 @@ static void xp_step(xp_engine *e)
     int vocab = e->model->cfg.vocab_size;
     for (int k = 0; k < nout; k++) {
         xp_seq *s = e->b_out_seq[k];
-        int32_t t = xp_sample(e->logits + (size_t)k * vocab, vocab, &s->samp, &s->rng, e->sample_idx);
+        int32_t t =
+            xp_sample(e->logits + (size_t)k * vocab, vocab, &s->samp, &s->rng, e->sample_idx);
         if (xp_accept_token(e, s, t))
             for (int i = 0; i < e->n_running; i++)
                 if (e->run[i] == s) e->run[i] = NULL;
@@ -460,7 +513,8 @@ static void xp_publish_locked(xp_engine *e)
 {
     e->st.running = e->n_running;
     int w = 0;
-    for (xp_seq *s = e->waiting; s; s = s->next) w++;
+    for (xp_seq *s = e->waiting; s; s = s->next)
+        w++;
     e->st.waiting = w;
     e->st.kv_blocks_free = e->kv.n_free;
 }
@@ -593,7 +647,8 @@ void xp_engine_destroy(xp_engine *e)
         e->waiting = s->next;
         xp_finish_seq(e, s, XP_FINISH_CANCELLED, s->sent);
     }
-    for (int i = 0; i < e->n_running; i++) xp_finish_seq(e, e->run[i], XP_FINISH_CANCELLED, e->run[i]->sent);
+    for (int i = 0; i < e->n_running; i++)
+        xp_finish_seq(e, e->run[i], XP_FINISH_CANCELLED, e->run[i]->sent);
     e->n_running = 0;
     xp_adapters_free(e);
     if (e->rt) e->be->destroy(e->rt);
@@ -621,7 +676,8 @@ void xp_engine_stats_get(xp_engine *e, xp_engine_stats *s)
     pthread_mutex_lock(&e->mu);
     *s = e->st;
     int r = 0;
-    for (xp_adapter *a = e->adapters; a; a = a->next) r += a->resident;
+    for (xp_adapter *a = e->adapters; a; a = a->next)
+        r += a->resident;
     s->adapters_resident = r;
     pthread_mutex_unlock(&e->mu);
 }

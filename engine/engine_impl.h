@@ -27,8 +27,8 @@ typedef struct xp_seq {
     xp_adapter *ad;
     int32_t *tokens; /* prompt, then generated */
     int n_prompt, n_tokens, n_cached, max_new;
-    int32_t *blocks;
-    int n_blocks;    /* reserved for prompt + max_new */
+    int32_t *blocks; /* block table, room for prompt + max_new positions */
+    int n_blocks;    /* blocks held: enough for the tokens so far, taken as they grow */
     xp_sampling samp;
     xp_rng rng;
     char **stop;
@@ -38,7 +38,7 @@ typedef struct xp_seq {
     xp_detok detok;
     char *text;      /* generated text so far */
     size_t text_len, text_cap, sent; /* bytes of text already sent */
-    int admitted;
+    int pinned;      /* holds a pin on its adapter (from first admission to the end) */
     int take;        /* rows in the current step */
     struct xp_seq *next; /* incoming and waiting lists */
 } xp_seq;

@@ -70,6 +70,7 @@ typedef struct {
 
 typedef struct {
     uint64_t steps, prompt_tokens, generated_tokens, requests_done;
+    uint64_t preemptions; /* running requests sent back to wait for KV blocks, recomputed later */
     int running, waiting;
     int kv_blocks_total, kv_blocks_free;
     int adapters_registered, adapters_resident;

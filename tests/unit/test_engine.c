@@ -45,7 +45,8 @@ static void collect(xp_queue *q, const uint64_t *ids, int n, xp_result *res)
         xp_event ev;
         if (!xp_queue_wait(q, &ev, 20000)) fail_msg("no event within 20 s");
         int k = 0;
-        while (k < n && ids[k] != ev.id) k++;
+        while (k < n && ids[k] != ev.id)
+            k++;
         assert_true(k < n);
         xp_result *r = &res[k];
         if (ev.type == XP_EV_TOKEN) r->tokens[r->n++] = ev.token;
@@ -68,8 +69,11 @@ static void collect(xp_queue *q, const uint64_t *ids, int n, xp_result *res)
 
 static xp_engine *start(int max_batch, int max_adapters, size_t kv_bytes, int chunk)
 {
-    xp_engine_opts o = {.threads = 2, .kv_bytes = kv_bytes, .max_batch = max_batch,
-                        .max_adapters = max_adapters, .prefill_chunk = chunk};
+    xp_engine_opts o = {.threads = 2,
+                        .kv_bytes = kv_bytes,
+                        .max_batch = max_batch,
+                        .max_adapters = max_adapters,
+                        .prefill_chunk = chunk};
     xp_engine *e = xp_engine_create(model_dir, &o);
     if (!e) fail_msg("engine: %s", xp_last_error());
     for (int i = 0; i < NAD; i++) {
@@ -80,9 +84,14 @@ static xp_engine *start(int max_batch, int max_adapters, size_t kv_bytes, int ch
     return e;
 }
 
-static const char *const prompts[8] = {
-    "The quick brown fox", "Hello", "FP8 block quantization keeps one scale per block",
-    "1 2 3 4 5 6 7 8 9 10 11 12", "Bonjour tout le monde", "日本語のテキスト", "a", "LoRA adapters"};
+static const char *const prompts[8] = {"The quick brown fox",
+                                       "Hello",
+                                       "FP8 block quantization keeps one scale per block",
+                                       "1 2 3 4 5 6 7 8 9 10 11 12",
+                                       "Bonjour tout le monde",
+                                       "日本語のテキスト",
+                                       "a",
+                                       "LoRA adapters"};
 
 static xp_request req(int i)
 {
@@ -175,7 +184,8 @@ static void test_cancel_frees_blocks(void **state)
 static void test_waits_for_blocks(void **state)
 {
     if (!have_model) skip();
-    /* room for 64 positions: two requests of 40 cannot run together, so the second waits */
+    /* room for 64 positions: two requests of 40 cannot run together. Both start (each takes
+     * blocks as it grows); when the cache runs out the newer one is sent back and recomputed */
     size_t block = 2 * 2 * 16 * 32 * sizeof(float); /* layers * K,V * positions * kv_dim */
     xp_engine *e = start(4, 2, 4 * block, 64);
     xp_queue *q = xp_queue_create();
@@ -190,11 +200,60 @@ static void test_waits_for_blocks(void **state)
         assert_int_equal(res[i].completion_tokens, 32);
     }
     assert_memory_equal(res[0].tokens, res[1].tokens, 32 * sizeof(int32_t));
+    xp_engine_stats st;
+    xp_engine_stats_get(e, &st);
+    assert_true(st.preemptions >= 1);
     /* the context is what the cache holds: a longer prompt is refused at once */
     static int32_t big[64];
     xp_request longp = {.tokens = big, .n_tokens = 64};
     assert_int_equal(xp_engine_submit(e, &longp, q), 0);
     assert_error_contains("the context holds 64");
+    wait_blocks_free(e);
+    xp_engine_destroy(e);
+    xp_queue_destroy(q);
+}
+
+/* Requests whose replies together outgrow the cache all start, and the ones preempted to make
+ * room recompute their cache and go on exactly as if they had run alone: greedy and seeded
+ * sampling, with and without adapters. */
+static void test_preemption_recomputes_exactly(void **state)
+{
+    if (!have_model) skip();
+    size_t block = 2 * 2 * 16 * 32 * sizeof(float);
+    xp_engine *e = start(8, 8, 7 * block, 16);
+    xp_queue *q = xp_queue_create();
+    enum { N = 5, GEN = 60 };
+    xp_request rs[N];
+    for (int i = 0; i < N; i++) {
+        rs[i] = req(i);
+        rs[i].max_tokens = GEN;
+        rs[i].temperature = i % 2 ? 0.9f : 0;
+        rs[i].seed = 100 + (uint64_t)i;
+    }
+    xp_result alone[N] = {0}, together[N] = {0};
+    for (int i = 0; i < N; i++) {
+        uint64_t id = xp_engine_submit(e, &rs[i], q);
+        assert_true(id > 0);
+        collect(q, &id, 1, &alone[i]);
+        assert_int_equal(alone[i].error, 0);
+    }
+    xp_engine_stats before, after;
+    xp_engine_stats_get(e, &before);
+    uint64_t ids[N];
+    for (int i = 0; i < N; i++)
+        ids[i] = xp_engine_submit(e, &rs[i], q);
+    collect(q, ids, N, together);
+    xp_engine_stats_get(e, &after);
+    /* 7 blocks hold 112 positions; five replies of up to 60 tokens need far more */
+    assert_true(after.preemptions > before.preemptions);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(together[i].error, 0);
+        assert_int_equal(together[i].finish, alone[i].finish);
+        assert_int_equal(together[i].n, alone[i].n);
+        assert_memory_equal(together[i].tokens, alone[i].tokens, sizeof(int32_t) * alone[i].n);
+        assert_int_equal(together[i].text_len, alone[i].text_len);
+        assert_memory_equal(together[i].text, alone[i].text, alone[i].text_len);
+    }
     wait_blocks_free(e);
     xp_engine_destroy(e);
     xp_queue_destroy(q);
@@ -293,7 +352,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_batch_invariance), cmocka_unit_test(test_cancel_frees_blocks),
-        cmocka_unit_test(test_waits_for_blocks), cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_waits_for_blocks), cmocka_unit_test(test_preemption_recomputes_exactly),
+        cmocka_unit_test(test_refusals),
         cmocka_unit_test(test_residency_lru),    cmocka_unit_test(test_stop_id_and_string),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
