@@ -58,7 +58,9 @@ xp_runtime *xp_runtime_create(const xp_model *m, xp_kv_cache *kv, int threads, i
     for (int t = 0; t < rt->threads; t++) {
         if (!(rt->lora_tmp[t] = xp_falloc(XP_MAX_LORA_RANK + (size_t)maxc))) goto oom;
         rt->scratch[t] = xp_falloc(xp_linear_scratch_floats(maxc));
-        rt->att_scratch[t] = xp_falloc((size_t)max_ctx);
+        /* attention: a KV group's scores and their sums */
+        int group = g->num_attention_heads / g->num_key_value_heads;
+        rt->att_scratch[t] = xp_falloc((size_t)group * ((size_t)max_ctx + 1));
         if (!rt->scratch[t] || !rt->att_scratch[t]) goto oom;
     }
     size_t n = (size_t)max_rows, qd = (size_t)g->num_attention_heads * (size_t)g->head_dim,
@@ -200,33 +202,43 @@ typedef struct {
     int layer;
 } xp_att_job;
 
-/* One (row, head): softmax(q k^T / sqrt(d)) v over the row's positions 0..pos. */
+/* One (row, KV head): softmax(q k^T / sqrt(d)) v over the row's positions 0..pos for each query
+ * head of the group, in one pass over the shared K and V rows (GQA: read once, not once per
+ * query head). Each head's numbers go through the same operations as it would alone. */
 static void xp_attention_task(void *ctx, int task, int thread)
 {
     const xp_att_job *j = ctx;
     xp_runtime *rt = j->rt;
     const xp_qwen3_config *g = &rt->m->cfg;
-    int H = g->num_attention_heads, d = g->head_dim, group = H / g->num_key_value_heads;
-    int row = task / H, head = task % H, kvh = head / group, pos = j->b->pos[row];
-    const float *q = rt->q + ((size_t)row * H + head) * d;
+    int H = g->num_attention_heads, KV = g->num_key_value_heads, d = g->head_dim, group = H / KV;
+    int row = task / KV, kvh = task % KV, pos = j->b->pos[row], np = pos + 1;
+    const float *q = rt->q + ((size_t)row * H + (size_t)kvh * group) * d;
+    float *o = rt->att + ((size_t)row * H + (size_t)kvh * group) * d;
     const int32_t *table = j->b->tables[row];
-    float *sc = rt->att_scratch[thread], mx = -INFINITY, scale = 1.0f / sqrtf((float)d);
-    for (int p = 0; p <= pos; p++) {
-        sc[p] = xp_dot(q, xp_kv_k(rt->kv, table, j->layer, p) + kvh * d, d) * scale;
-        if (sc[p] > mx) mx = sc[p];
+    /* scratch: scores [group][np], then each head's 1/sum */
+    float *sc = rt->att_scratch[thread], *inv = sc + (size_t)group * np;
+    float scale = 1.0f / sqrtf((float)d);
+    for (int p = 0; p < np; p++) {
+        const float *k = xp_kv_k(rt->kv, table, j->layer, p) + (size_t)kvh * d;
+        for (int h = 0; h < group; h++)
+            sc[(size_t)h * np + p] = xp_dot(q + (size_t)h * d, k, d) * scale;
     }
-    double sum = 0;
-    for (int p = 0; p <= pos; p++) {
-        sc[p] = expf(sc[p] - mx);
-        sum += sc[p];
+    for (int h = 0; h < group; h++) {
+        float *s = sc + (size_t)h * np, mx = -INFINITY;
+        for (int p = 0; p < np; p++)
+            if (s[p] > mx) mx = s[p];
+        double sum = 0;
+        for (int p = 0; p < np; p++) {
+            s[p] = expf(s[p] - mx);
+            sum += s[p];
+        }
+        inv[h] = (float)(1.0 / sum);
     }
-    float *o = rt->att + ((size_t)row * H + head) * d, inv = (float)(1.0 / sum);
-    memset(o, 0, (size_t)d * sizeof *o);
-    for (int p = 0; p <= pos; p++) {
-        const float *v = xp_kv_v(rt->kv, table, j->layer, p) + kvh * d;
-        float w = sc[p] * inv;
-        for (int i = 0; i < d; i++)
-            o[i] += w * v[i];
+    memset(o, 0, (size_t)group * d * sizeof *o);
+    for (int p = 0; p < np; p++) {
+        const float *v = xp_kv_v(rt->kv, table, j->layer, p) + (size_t)kvh * d;
+        for (int h = 0; h < group; h++)
+            xp_axpy(sc[(size_t)h * np + p] * inv[h], v, o + (size_t)h * d, d);
     }
 }
 
@@ -259,7 +271,7 @@ static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
                (size_t)KV * d * sizeof(float));
     }
     xp_att_job j = {rt, b, layer};
-    xp_pool_run(rt->pool, n * H, xp_attention_task, &j);
+    xp_pool_run(rt->pool, n * KV, xp_attention_task, &j);
     xp_linear_lora(rt, b, layer, XP_MOD_O, rt->att, rt->out);
     for (size_t i = 0; i < (size_t)n * hid; i++)
         rt->x[i] += rt->out[i];
