@@ -145,7 +145,10 @@ static void xp_lora_shrink_task(void *ctx, int task, int thread)
     const float *hi = j->h + (size_t)row * j->in;
     float *t = j->rt->lora_t + (size_t)row * XP_MAX_LORA_RANK;
     for (int k = k0; k < lm->rank && k < k0 + XP_LORA_SHRINK_K; k++)
-        t[k] = lm->scale * xp_dot(lm->A + (size_t)k * j->in, hi, j->in);
+        t[k] =
+            lm->scale * (lm->dtype == XP_BF16
+                             ? xp_dot_bf16((const uint16_t *)lm->A + (size_t)k * j->in, hi, j->in)
+                             : xp_dot((const float *)lm->A + (size_t)k * j->in, hi, j->in));
 }
 
 /* out[row, o] += sum_k t[row, k] Bt[k, o] for a run of outputs of one row: summed in k order and
@@ -160,8 +163,13 @@ static void xp_lora_expand_task(void *ctx, int task, int thread)
     const float *t = j->rt->lora_t + (size_t)row * XP_MAX_LORA_RANK;
     float *acc = j->rt->lora_tmp[thread], *oi = j->out + (size_t)row * j->od + o0;
     memset(acc, 0, (size_t)len * sizeof *acc);
-    for (int k = 0; k < lm->rank; k++)
-        xp_axpy(t[k], lm->Bt + (size_t)k * j->od + o0, acc, len);
+    for (int k = 0; k < lm->rank; k++) {
+        size_t at = (size_t)k * j->od + o0;
+        if (lm->dtype == XP_BF16)
+            xp_axpy_bf16(t[k], (const uint16_t *)lm->Bt + at, acc, len);
+        else
+            xp_axpy(t[k], (const float *)lm->Bt + at, acc, len);
+    }
     for (int o = 0; o < len; o++)
         oi[o] += acc[o];
 }

@@ -4,11 +4,39 @@
 #include <stdlib.h>
 #include <string.h>
 
-static float *xp_lora_f32(const xp_tensor *t)
+/* A as stored (BF16) or as F32; Bt = B transposed, in the same type. */
+static int xp_lora_fill(xp_lora_mat *m, const xp_tensor *A, const xp_tensor *B)
 {
-    float *f = malloc(t->nelem * sizeof *f);
-    if (f) xp_convert_to_f32(t->dtype, t->data, f, (size_t)t->nelem);
-    return f;
+    int64_t o = B->shape[0], r = B->shape[1];
+    if (A->dtype == XP_BF16 && B->dtype == XP_BF16) {
+        m->dtype = XP_BF16;
+        uint16_t *a = malloc(A->nelem * 2), *bt = malloc(B->nelem * 2);
+        m->A = a;
+        m->Bt = bt;
+        if (!a || !bt) return xp_fail("out of memory");
+        memcpy(a, A->data, A->nelem * 2);
+        const uint16_t *b = B->data;
+        for (int64_t row = 0; row < o; row++)
+            for (int64_t k = 0; k < r; k++)
+                bt[k * o + row] = b[row * r + k];
+        return 0;
+    }
+    m->dtype = XP_F32;
+    float *a = malloc(A->nelem * sizeof *a), *bt = malloc(B->nelem * sizeof *bt),
+          *b = malloc(B->nelem * sizeof *b);
+    m->A = a;
+    m->Bt = bt;
+    if (!a || !bt || !b) {
+        free(b);
+        return xp_fail("out of memory");
+    }
+    xp_convert_to_f32(A->dtype, A->data, a, (size_t)A->nelem);
+    xp_convert_to_f32(B->dtype, B->data, b, (size_t)B->nelem);
+    for (int64_t row = 0; row < o; row++)
+        for (int64_t k = 0; k < r; k++)
+            bt[k * o + row] = b[row * r + k];
+    free(b);
+    return 0;
 }
 
 int xp_lora_load(const char *dir, const xp_qwen3_config *cfg, xp_lora_weights *out)
@@ -34,19 +62,9 @@ int xp_lora_load(const char *dir, const xp_qwen3_config *cfg, xp_lora_weights *o
         xp_lora_mat *m = &out->mods[lm->layer * XP_MOD_COUNT + lm->mod];
         m->rank = lm->rank;
         m->scale = lm->scale;
-        m->A = xp_lora_f32(lm->A);
-        m->B = xp_lora_f32(lm->B);
-        int64_t o = lm->B->shape[0];
-        m->Bt = malloc((size_t)(o * lm->rank) * sizeof *m->Bt);
-        if (!m->A || !m->B || !m->Bt) {
-            xp_fail("out of memory");
-            goto done;
-        }
-        for (int64_t row = 0; row < o; row++)
-            for (int k = 0; k < lm->rank; k++)
-                m->Bt[(size_t)k * (size_t)o + (size_t)row] = m->B[(size_t)row * (size_t)lm->rank + (size_t)k];
+        if (xp_lora_fill(m, lm->A, lm->B) < 0) goto done;
         if (m->rank > out->max_rank) out->max_rank = m->rank;
-        out->bytes += (lm->A->nelem + 2 * lm->B->nelem) * sizeof(float);
+        out->bytes += (lm->A->nelem + lm->B->nelem) * xp_dtype_size(m->dtype);
     }
     rc = 0;
 done:
@@ -59,7 +77,6 @@ void xp_lora_free(xp_lora_weights *w)
 {
     for (int i = 0; w->mods && i < w->n_layers * XP_MOD_COUNT; i++) {
         free(w->mods[i].A);
-        free(w->mods[i].B);
         free(w->mods[i].Bt);
     }
     free(w->mods);

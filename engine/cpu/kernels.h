@@ -26,6 +26,12 @@ float xp_dot_ref(const float *a, const float *b, int64_t n);
 void xp_axpy(float a, const float *x, float *y, int64_t n);
 void xp_axpy_ref(float a, const float *x, float *y, int64_t n);
 
+/* The LoRA kernels for factors held as BF16: a is decoded to F32 on the fly. */
+float xp_dot_bf16(const uint16_t *a, const float *b, int64_t n);
+float xp_dot_bf16_ref(const uint16_t *a, const float *b, int64_t n);
+void xp_axpy_bf16(float a, const uint16_t *x, float *y, int64_t n);
+void xp_axpy_bf16_ref(float a, const uint16_t *x, float *y, int64_t n);
+
 /* Scratch one thread of xp_linear_forward needs, in floats, for weights up to max_cols wide. */
 size_t xp_linear_scratch_floats(int64_t max_cols);
 

@@ -23,6 +23,8 @@ static const xp_simd xp_simd_avx2 = {.dot = xp_dot_avx2,
                                      .fused_rows = xp_fused_rows_avx2,
                                      .decode_row = xp_decode_row_avx2,
                                      .axpy = xp_axpy_avx2,
+                                     .dot_bf16 = xp_dot_bf16_avx2,
+                                     .axpy_bf16 = xp_axpy_bf16_avx2,
                                      .fp8_chunk = 16};
 static const xp_simd xp_simd_avx512 = {.dot = xp_dot_avx512,
                                        .dot4 = xp_dot4_avx512,
@@ -30,6 +32,8 @@ static const xp_simd xp_simd_avx512 = {.dot = xp_dot_avx512,
                                        .fused_rows = xp_fused_rows_avx512,
                                        .decode_row = xp_decode_row_avx512,
                                        .axpy = xp_axpy_avx512,
+                                       .dot_bf16 = xp_dot_bf16_avx512,
+                                       .axpy_bf16 = xp_axpy_bf16_avx512,
                                        .fp8_chunk = 32};
 
 /* The widest kernels this processor runs; XPREC_SIMD=avx2|scalar caps them (tests, A/B). */
@@ -116,6 +120,35 @@ void xp_axpy(float a, const float *x, float *y, int64_t n)
         k->axpy(a, x, y, n);
     else
         xp_axpy_ref(a, x, y, n);
+}
+
+float xp_dot_bf16_ref(const uint16_t *a, const float *b, int64_t n)
+{
+    float s = 0;
+    for (int64_t i = 0; i < n; i++)
+        s += xp_bf16_to_f32(a[i]) * b[i];
+    return s;
+}
+
+float xp_dot_bf16(const uint16_t *a, const float *b, int64_t n)
+{
+    const xp_simd *k = xp_simd_get();
+    return k ? k->dot_bf16(a, b, n) : xp_dot_bf16_ref(a, b, n);
+}
+
+void xp_axpy_bf16_ref(float a, const uint16_t *x, float *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        y[i] += a * xp_bf16_to_f32(x[i]);
+}
+
+void xp_axpy_bf16(float a, const uint16_t *x, float *y, int64_t n)
+{
+    const xp_simd *k = xp_simd_get();
+    if (k)
+        k->axpy_bf16(a, x, y, n);
+    else
+        xp_axpy_bf16_ref(a, x, y, n);
 }
 
 float xp_dot(const float *a, const float *b, int64_t n)

@@ -77,6 +77,35 @@ XP_AVX512 void xp_axpy_avx512(float a, const float *x, float *y, int64_t n)
         y[i] = fmaf(a, x[i], y[i]);
 }
 
+XP_AVX512 void xp_axpy_bf16_avx512(float a, const uint16_t *x, float *y, int64_t n)
+{
+    __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, xp_bf16x16(x + i), _mm512_loadu_ps(y + i)));
+    for (; i < n; i++)
+        y[i] = fmaf(a, xp_bf16_to_f32(x[i]), y[i]);
+}
+
+/* xp_dot_avx512's order, with a's BF16 widened as it is loaded. */
+XP_AVX512 float xp_dot_bf16_avx512(const uint16_t *a, const float *b, int64_t n)
+{
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(xp_bf16x16(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(xp_bf16x16(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    if (i + 16 <= n) {
+        s0 = _mm512_fmadd_ps(xp_bf16x16(a + i), _mm512_loadu_ps(b + i), s0);
+        i += 16;
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    for (; i < n; i++)
+        s += xp_bf16_to_f32(a[i]) * b[i];
+    return s;
+}
+
 XP_AVX512 float xp_dot_avx512(const float *a, const float *b, int64_t n)
 {
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();

@@ -19,6 +19,9 @@ typedef struct {
     void (*fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y);
     void (*decode_row)(const xp_linear *l, int64_t r, float *dst);
     void (*axpy)(float a, const float *x, float *y, int64_t n);
+    /* the same two with BF16 weights (LoRA factors as stored) */
+    float (*dot_bf16)(const uint16_t *a, const float *b, int64_t n);
+    void (*axpy_bf16)(float a, const uint16_t *x, float *y, int64_t n);
     int fp8_chunk; /* codes decoded at once: FP8 block widths must be a multiple */
 } xp_simd;
 
@@ -28,6 +31,8 @@ void xp_fused_rows_avx2(const xp_linear *l, int64_t r0, int64_t r1, const float 
                         float *y);
 void xp_decode_row_avx2(const xp_linear *l, int64_t r, float *dst);
 void xp_axpy_avx2(float a, const float *x, float *y, int64_t n);
+float xp_dot_bf16_avx2(const uint16_t *a, const float *b, int64_t n);
+void xp_axpy_bf16_avx2(float a, const uint16_t *x, float *y, int64_t n);
 
 float xp_dot_avx512(const float *a, const float *b, int64_t n);
 void xp_dot4_avx512(const float *x, int64_t ldx, const float *w, int64_t n, float *out);
@@ -37,5 +42,7 @@ void xp_fused_rows_avx512(const xp_linear *l, int64_t r0, int64_t r1, const floa
                           float *y);
 void xp_decode_row_avx512(const xp_linear *l, int64_t r, float *dst);
 void xp_axpy_avx512(float a, const float *x, float *y, int64_t n);
+float xp_dot_bf16_avx512(const uint16_t *a, const float *b, int64_t n);
+void xp_axpy_bf16_avx512(float a, const uint16_t *x, float *y, int64_t n);
 
 #endif

@@ -46,7 +46,7 @@ typedef struct {
 
 typedef struct {
     const xp_lora_weights *key;
-    uint64_t print; /* tells a reused address from the adapter that was there */
+    uint64_t print;      /* tells a reused address from the adapter that was there */
     void *mem;           /* BF16 A and B of every module */
     xpc_lora_mat *table; /* device [n_layers * 7] */
     cudaEvent_t ready;
@@ -154,11 +154,16 @@ static void *xpc_upload(xpc_ctx *c, const void *src, size_t bytes, const char *w
 static int xpc_dtype(xp_dtype t)
 {
     switch (t) {
-    case XP_F8_E4M3: return XPC_FP8;
-    case XP_BF16: return XPC_BF16;
-    case XP_F16: return XPC_F16;
-    case XP_F32: return XPC_F32;
-    default: return -1;
+    case XP_F8_E4M3:
+        return XPC_FP8;
+    case XP_BF16:
+        return XPC_BF16;
+    case XP_F16:
+        return XPC_F16;
+    case XP_F32:
+        return XPC_F32;
+    default:
+        return -1;
     }
 }
 
@@ -208,7 +213,8 @@ static void *xpc_create(const xp_model *m, xp_kv_cache *kv, int threads, int max
     struct cudaDeviceProp prop;
     if (dev < 0 || dev >= ndev || (e = cudaSetDevice(dev)) != cudaSuccess ||
         (e = cudaGetDeviceProperties(&prop, dev)) != cudaSuccess) {
-        xp_fail("CUDA device %d: %s", dev, e != cudaSuccess ? cudaGetErrorString(e) : "no such device");
+        xp_fail("CUDA device %d: %s", dev,
+                e != cudaSuccess ? cudaGetErrorString(e) : "no such device");
         return NULL;
     }
     if (prop.major != 9) {
@@ -238,7 +244,7 @@ static void *xpc_create(const xp_model *m, xp_kv_cache *kv, int threads, int max
     c->n_layers = g->num_hidden_layers;
     c->kv_dim = g->num_key_value_heads * g->head_dim;
     const char *mode = getenv("XPREC_CUDA_GEMM");
-    c->mode = mode && !strcmp(mode, "simt") ? XPC_MODE_SIMT
+    c->mode = mode && !strcmp(mode, "simt")   ? XPC_MODE_SIMT
               : mode && !strcmp(mode, "bf16") ? XPC_MODE_BF16
                                               : XPC_MODE_FP8;
     c->gemv_rows = xpc_env_int("XPREC_CUDA_GEMV_ROWS", 16);
@@ -258,7 +264,8 @@ static void *xpc_create(const xp_model *m, xp_kv_cache *kv, int threads, int max
             if (r < 0) goto fail;
             c->fp8_lt = r;
             if (!r && getenv("XPREC_CUDA_VERBOSE"))
-                fprintf(stderr, "xprec cuda: cuBLASLt FP8 block scaling unavailable; prefill uses BF16\n");
+                fprintf(stderr,
+                        "xprec cuda: cuBLASLt FP8 block scaling unavailable; prefill uses BF16\n");
         }
     }
 
@@ -296,7 +303,8 @@ static void *xpc_create(const xp_model *m, xp_kv_cache *kv, int threads, int max
 
     /* KV storage under the host cache's block ids */
     size_t kvb = (size_t)kv->n_blocks * (size_t)c->n_layers * XP_KV_BLOCK * (size_t)c->kv_dim * 4;
-    if (!(c->kc = xpc_alloc(c, kvb, "the KV cache")) || !(c->vc = xpc_alloc(c, kvb, "the KV cache")))
+    if (!(c->kc = xpc_alloc(c, kvb, "the KV cache")) ||
+        !(c->vc = xpc_alloc(c, kvb, "the KV cache")))
         goto fail;
     if ((e = cudaMemsetAsync(c->kc, 0, kvb, c->s)) != cudaSuccess ||
         (e = cudaMemsetAsync(c->vc, 0, kvb, c->s)) != cudaSuccess) {
@@ -319,9 +327,11 @@ static void *xpc_create(const xp_model *m, xp_kv_cache *kv, int threads, int max
         !(c->upb = xpc_alloc(c, R * inter * 4, "activations")) ||
         !(c->out = xpc_alloc(c, R * maxc * 4, "activations")) ||
         !(c->lora_t = xpc_alloc(c, R * XPC_LORA_T * 4, "activations")) ||
-        !(c->att_part = xpc_alloc(c, (size_t)(max_rows < XPC_SPLIT_ROWS ? max_rows : XPC_SPLIT_ROWS) *
-                                         (size_t)g->num_attention_heads * XPC_ATT_SPLITS * (hd + 2) * 4,
-                                  "attention splits")) ||
+        !(c->att_part =
+              xpc_alloc(c,
+                        (size_t)(max_rows < XPC_SPLIT_ROWS ? max_rows : XPC_SPLIT_ROWS) *
+                            (size_t)g->num_attention_heads * XPC_ATT_SPLITS * (hd + 2) * 4,
+                        "attention splits")) ||
         !(c->logits = xpc_alloc(c, R * (size_t)g->vocab_size * 4, "logits")))
         goto fail;
     if (c->mode != XPC_MODE_SIMT) {
@@ -358,7 +368,9 @@ static void *xpc_create(const xp_model *m, xp_kv_cache *kv, int threads, int max
     }
     if (getenv("XPREC_CUDA_VERBOSE"))
         fprintf(stderr, "xprec cuda: %s, prefill %s%s, gemv up to %d rows, graphs %s\n", prop.name,
-                c->mode == XPC_MODE_SIMT ? "simt" : c->mode == XPC_MODE_BF16 ? "bf16" : "fp8",
+                c->mode == XPC_MODE_SIMT   ? "simt"
+                : c->mode == XPC_MODE_BF16 ? "bf16"
+                                           : "fp8",
                 c->mode == XPC_MODE_FP8 && !c->fp8_lt ? " (unavailable: bf16)" : "", c->gemv_rows,
                 c->use_graphs ? "on" : "off");
     (void)threads;
@@ -390,9 +402,11 @@ static void xpc_destroy(void *ctx)
     if (c->s) cudaStreamSynchronize(c->s);
     if (c->up) cudaStreamSynchronize(c->up);
     xpc_graphs_clear(c);
-    for (int i = 0; i < c->n_slots; i++) xpc_slot_free(&c->slots[i]);
+    for (int i = 0; i < c->n_slots; i++)
+        xpc_slot_free(&c->slots[i]);
     free(c->slots);
-    for (int i = 0; i < c->n_allocs; i++) cudaFree(c->allocs[i]);
+    for (int i = 0; i < c->n_allocs; i++)
+        cudaFree(c->allocs[i]);
     free(c->allocs);
     free(c->layers);
     cudaFreeHost(c->stage_h);
@@ -410,15 +424,33 @@ static void xpc_destroy(void *ctx)
 
 /* ------------------------------------------------------------------ adapters */
 
-/* n F32 values to BF16 at dst on the upload stream, through the two pinned chunks in turn. */
-static int xpc_up_array(xpc_ctx *c, const float *src, size_t n, uint16_t *dst)
+/* A host LoRA factor as the engine holds it: rows x cols in BF16 or F32; read transposed, it
+ * yields B [out, rank] from the engine's Bt [rank, out]. */
+typedef struct {
+    xp_dtype dtype;
+    const void *p;
+    size_t rows, cols;
+    int transposed;
+} xpc_src;
+
+static float xpc_src_at(const xpc_src *s, size_t i)
+{
+    size_t at = s->transposed ? (i % s->rows) * s->cols + i / s->rows : i;
+    return s->dtype == XP_BF16 ? xp_bf16_to_f32(((const uint16_t *)s->p)[at])
+                               : ((const float *)s->p)[at];
+}
+
+/* n values of src to BF16 at dst on the upload stream, through the two pinned chunks in turn
+ * (widened to F32 on the host, exact for BF16, and narrowed on the device). */
+static int xpc_up_array(xpc_ctx *c, const xpc_src *src, size_t n, uint16_t *dst)
 {
     for (size_t off = 0; off < n; off += XPC_UP_CHUNK) {
         size_t cnt = n - off < XPC_UP_CHUNK ? n - off : XPC_UP_CHUNK;
         int b = c->up_next;
         c->up_next ^= 1;
         XPC_TRY(cudaEventSynchronize(c->up_done[b]), "adapter upload");
-        memcpy(c->up_pin[b], src + off, cnt * 4);
+        for (size_t j = 0; j < cnt; j++)
+            c->up_pin[b][j] = xpc_src_at(src, off + j);
         XPC_TRY(cudaMemcpyAsync(c->up_dev[b], c->up_pin[b], cnt * 4, cudaMemcpyHostToDevice, c->up),
                 "adapter upload");
         if (xpc_f32_to_bf16(c->up_dev[b], cnt, dst + off, c->up) < 0) return -1;
@@ -437,7 +469,8 @@ static int xpc_slot_upload(xpc_ctx *c, const xp_lora_weights *w, xpc_slot *s)
         if (!lm->rank) continue;
         int64_t od, in;
         xp_module_shape(g, (xp_module)(i % XP_MOD_COUNT), &od, &in);
-        total += ((size_t)lm->rank * (size_t)in + 7) / 8 * 8 + ((size_t)od * (size_t)lm->rank + 7) / 8 * 8;
+        total += ((size_t)lm->rank * (size_t)in + 7) / 8 * 8 +
+                 ((size_t)od * (size_t)lm->rank + 7) / 8 * 8;
     }
     xpc_lora_mat *tbl = calloc((size_t)nm, sizeof *tbl);
     if (!tbl) return xp_fail("out of memory");
@@ -457,12 +490,15 @@ static int xpc_slot_upload(xpc_ctx *c, const xp_lora_weights *w, xpc_slot *s)
         xp_module_shape(g, (xp_module)(i % XP_MOD_COUNT), &od, &in);
         size_t na = (size_t)lm->rank * (size_t)in, nb = (size_t)od * (size_t)lm->rank;
         tbl[i] = (xpc_lora_mat){p, p + (na + 7) / 8 * 8, lm->rank, lm->scale};
-        if (xpc_up_array(c, lm->A, na, p) < 0 || xpc_up_array(c, lm->B, nb, p + (na + 7) / 8 * 8) < 0)
+        xpc_src A = {lm->dtype, lm->A, (size_t)lm->rank, (size_t)in, 0};
+        xpc_src B = {lm->dtype, lm->Bt, (size_t)lm->rank, (size_t)od, 1};
+        if (xpc_up_array(c, &A, na, p) < 0 || xpc_up_array(c, &B, nb, p + (na + 7) / 8 * 8) < 0)
             goto done;
         p += (na + 7) / 8 * 8 + (nb + 7) / 8 * 8;
     }
     /* the table is small: a pageable copy on the upload stream, ordered before `ready` */
-    if ((e = cudaMemcpyAsync(s->table, tbl, (size_t)nm * sizeof *tbl, cudaMemcpyHostToDevice, c->up)) != cudaSuccess ||
+    if ((e = cudaMemcpyAsync(s->table, tbl, (size_t)nm * sizeof *tbl, cudaMemcpyHostToDevice,
+                             c->up)) != cudaSuccess ||
         (e = cudaEventRecord(s->ready, c->up)) != cudaSuccess) {
         xpc_cuda_fail("adapter upload", e);
         goto done;
@@ -487,7 +523,7 @@ static uint64_t xpc_fingerprint(const xp_lora_weights *w)
         if (!m->rank) continue;
         uint32_t u[3];
         memcpy(&u[0], m->A, 4);
-        memcpy(&u[1], m->B, 4);
+        memcpy(&u[1], m->Bt, 4);
         memcpy(&u[2], &m->scale, 4);
         XPC_MIX(u[0]);
         XPC_MIX(u[1]);
@@ -571,10 +607,11 @@ static int xpc_matmul(xpc_ctx *c, const xpc_linear *l, const float *ws_lt, const
     if (c->mode == XPC_MODE_FP8 && c->fp8_lt && l->dtype == XPC_FP8 && l->br == 128 &&
         l->bc == 128 && l->rows % 128 == 0 && l->cols % 128 == 0 && ws_lt) {
         int n_pad = (n + 15) & ~15;
-        if (xpc_quant_act(x, n, n_pad, (int)l->cols, c->xq, c->xs, c->sl.x_kmajor, c->s) < 0) return -1;
+        if (xpc_quant_act(x, n, n_pad, (int)l->cols, c->xq, c->xs, c->sl.x_kmajor, c->s) < 0)
+            return -1;
         /* xbf is free in this path: it takes the product if the library only writes BF16 */
-        r = xpc_lt_fp8(c->lt, &c->sl, l->w, ws_lt, l->rows, l->cols, c->xq, c->xs, n_pad, y,
-                       c->xbf, c->s);
+        r = xpc_lt_fp8(c->lt, &c->sl, l->w, ws_lt, l->rows, l->cols, c->xq, c->xs, n_pad, y, c->xbf,
+                       c->s);
         if (r <= 0) return r;
     }
     const uint16_t *wb = l->w;
@@ -666,7 +703,8 @@ static int xpc_run_graph(xpc_ctx *c, int n, int n_out)
             cudaGetLastError();
             xp_clear_error();
             c->use_graphs = 0;
-            if (getenv("XPREC_CUDA_VERBOSE")) fprintf(stderr, "xprec cuda: graph capture failed; graphs off\n");
+            if (getenv("XPREC_CUDA_VERBOSE"))
+                fprintf(stderr, "xprec cuda: graph capture failed; graphs off\n");
             return 1;
         }
         cudaGraphDestroy(graph);
@@ -684,8 +722,10 @@ static int xpc_run_graph(xpc_ctx *c, int n, int n_out)
 static int xpc_stage(xpc_ctx *c, const xp_batch *b)
 {
     xpc_lora_group *g = (xpc_lora_group *)c->stage_h;
-    int32_t *tok = (int32_t *)(c->stage_h + c->off_tok), *pos = (int32_t *)(c->stage_h + c->off_pos);
-    int32_t *toff = (int32_t *)(c->stage_h + c->off_toff), *orows = (int32_t *)(c->stage_h + c->off_out);
+    int32_t *tok = (int32_t *)(c->stage_h + c->off_tok),
+            *pos = (int32_t *)(c->stage_h + c->off_pos);
+    int32_t *toff = (int32_t *)(c->stage_h + c->off_toff),
+            *orows = (int32_t *)(c->stage_h + c->off_out);
     int32_t *tabs = (int32_t *)(c->stage_h + c->off_tabs);
     c->any_lora = 0;
     c->n_groups = b->n_groups;
@@ -712,11 +752,13 @@ static int xpc_stage(xpc_ctx *c, const xp_batch *b)
         }
         size_t nb = (size_t)(maxp / XP_KV_BLOCK + 1);
         memcpy(tabs + used, b->tables[i], nb * 4);
-        for (int r = i; r <= j; r++) toff[r] = (int32_t)used;
+        for (int r = i; r <= j; r++)
+            toff[r] = (int32_t)used;
         used += nb;
         i = j + 1;
     }
-    XPC_TRY(cudaMemcpyAsync(c->stage_d, c->stage_h, c->off_tabs + used * 4, cudaMemcpyHostToDevice, c->s),
+    XPC_TRY(cudaMemcpyAsync(c->stage_d, c->stage_h, c->off_tabs + used * 4, cudaMemcpyHostToDevice,
+                            c->s),
             "batch upload");
     return 0;
 }
@@ -731,7 +773,8 @@ static int xpc_forward_locked(xpc_ctx *c, const xp_batch *b)
                        b->n_groups, b->n);
     for (int i = 0; i < b->n; i++) {
         if (b->tokens[i] < 0 || b->tokens[i] >= g->vocab_size)
-            return xp_fail("token id %d is outside the vocabulary (%d)", b->tokens[i], g->vocab_size);
+            return xp_fail("token id %d is outside the vocabulary (%d)", b->tokens[i],
+                           g->vocab_size);
         if (b->pos[i] < 0 || b->pos[i] >= c->max_ctx)
             return xp_fail("position %d is outside the context (%d)", b->pos[i], c->max_ctx);
     }
@@ -747,7 +790,8 @@ static int xpc_forward_locked(xpc_ctx *c, const xp_batch *b)
     c->chunk = 0;
     if (b->n <= XPC_SPLIT_ROWS && maxp + 1 > 2 * XPC_ATT_CHUNK) {
         int chunk = XPC_ATT_CHUNK;
-        while ((maxp + chunk) / chunk > XPC_ATT_SPLITS) chunk += XPC_ATT_CHUNK;
+        while ((maxp + chunk) / chunk > XPC_ATT_SPLITS)
+            chunk += XPC_ATT_CHUNK;
         c->chunk = chunk;
         c->nsplit = (maxp + chunk) / chunk;
     }
@@ -764,7 +808,8 @@ static int xpc_forward_locked(xpc_ctx *c, const xp_batch *b)
         cudaFreeHost(c->logits_h);
         c->logits_h = NULL;
         c->logits_h_rows = 0;
-        XPC_TRY(cudaMallocHost((void **)&c->logits_h, (size_t)b->n_out * vocab * 4), "pinned logits");
+        XPC_TRY(cudaMallocHost((void **)&c->logits_h, (size_t)b->n_out * vocab * 4),
+                "pinned logits");
         c->logits_h_rows = (size_t)b->n_out;
     }
     XPC_TRY(cudaMemcpyAsync(c->logits_h, c->logits, (size_t)b->n_out * vocab * 4,

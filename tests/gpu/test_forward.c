@@ -49,7 +49,8 @@ static int argmax(const float *v, int n)
 }
 
 /* Runs b on both sides; compares logits. */
-static int both(side *cpu, side *gpu, xp_batch *b, float *lc, float *lg, int vocab, const char *what)
+static int both(side *cpu, side *gpu, xp_batch *b, float *lc, float *lg, int vocab,
+                const char *what)
 {
     b->logits = lc;
     if (cpu->be->forward(cpu->rt, b) < 0) {
@@ -67,7 +68,8 @@ static int both(side *cpu, side *gpu, xp_batch *b, float *lc, float *lg, int voc
     return 0;
 }
 
-/* A random adapter of rank r on every module of every layer, in the engine's F32 form. */
+/* A random adapter of rank r on every module of every layer, in the engine's F32 form (A and
+ * the transposed B the CPU expand reads). */
 static void make_adapter(const xp_qwen3_config *cfg, int r, uint64_t seed, xp_lora_weights *w)
 {
     xp_rng rng;
@@ -82,10 +84,11 @@ static void make_adapter(const xp_qwen3_config *cfg, int r, uint64_t seed, xp_lo
         xp_lora_mat *m = &w->mods[i];
         m->rank = r;
         m->scale = 16.0f / (float)r;
+        m->dtype = XP_F32;
         m->A = malloc(sizeof(float) * (size_t)(r * in));
-        m->B = malloc(sizeof(float) * (size_t)(o * r));
+        m->Bt = malloc(sizeof(float) * (size_t)(o * r));
         xp_rng_fill_normal(&rng, m->A, (size_t)(r * in), 0, 1.0f / sqrtf((float)in));
-        xp_rng_fill_normal(&rng, m->B, (size_t)(o * r), 0, 0.02f);
+        xp_rng_fill_normal(&rng, m->Bt, (size_t)(o * r), 0, 0.02f);
         w->bytes += sizeof(float) * (size_t)(r * (in + o));
     }
 }
@@ -127,9 +130,11 @@ int main(int argc, char **argv)
     int32_t tables[S][96];
     int bps = xp_kv_blocks_for(max_ctx);
     for (int s = 0; s < S; s++) /* interleaved ids, so no sequence owns a contiguous range */
-        for (int i = 0; i < bps; i++) tables[s][i] = i * S + (S - 1 - s);
+        for (int i = 0; i < bps; i++)
+            tables[s][i] = i * S + (S - 1 - s);
     int len[S] = {0};
-    float *lc = malloc(sizeof(float) * (size_t)max_rows * vocab), *lg = malloc(sizeof(float) * (size_t)max_rows * vocab);
+    float *lc = malloc(sizeof(float) * (size_t)max_rows * vocab),
+          *lg = malloc(sizeof(float) * (size_t)max_rows * vocab);
     int32_t tok[96], pos[96], outr[96];
     const int32_t *tabs[96];
     xp_rng rng;
@@ -144,7 +149,8 @@ int main(int argc, char **argv)
             tabs[n] = tables[s];
             outr[n] = n;
         }
-    for (int s = 0; s < 3; s++) len[s] = plen[s];
+    for (int s = 0; s < 3; s++)
+        len[s] = plen[s];
     xp_row_group g0 = {0, n, NULL};
     xp_batch b = {n, tok, pos, tabs, 1, &g0, n, outr, NULL};
     both(&cpu, &gpu, &b, lc, lg, vocab, "prefill 3 sequences, 90 rows, all logits");
@@ -172,7 +178,8 @@ int main(int argc, char **argv)
         snprintf(what, sizeof what, "decode step %d (3 rows, GEMV)", st);
         if (both(&cpu, &gpu, &db, lc, lg, vocab, what) < 0) break;
         for (int s = 0; s < 3; s++) {
-            int a = argmax(lc + (size_t)s * vocab, vocab), c = argmax(lg + (size_t)s * vocab, vocab);
+            int a = argmax(lc + (size_t)s * vocab, vocab),
+                c = argmax(lg + (size_t)s * vocab, vocab);
             agree += a == c;
             next[s] = a;
         }
@@ -201,13 +208,16 @@ int main(int argc, char **argv)
             pos[n] = len[3]++;
             tabs[n] = tables[3];
         }
-        xp_row_group gs[5] = {{0, 1, NULL}, {1, 0, &ad[0]}, {1, 1, &ad[0]}, {2, 1, &ad[1]}, {3, 20, &ad[2]}};
+        xp_row_group gs[5] = {
+            {0, 1, NULL}, {1, 0, &ad[0]}, {1, 1, &ad[0]}, {2, 1, &ad[1]}, {3, 20, &ad[2]}};
         int32_t orows[4] = {0, 1, 2, 22};
         xp_batch mb = {n, tok, pos, tabs, 5, gs, 4, orows, NULL};
         both(&cpu, &gpu, &mb, lc, lg, vocab,
-             round ? "mixed batch, adapters re-uploaded after forget" : "mixed batch: base + ranks 1/64/256 + empty group");
+             round ? "mixed batch, adapters re-uploaded after forget"
+                   : "mixed batch: base + ranks 1/64/256 + empty group");
         if (cuda->forget_adapter)
-            for (int a = 0; a < 3; a++) cuda->forget_adapter(gpu.rt, &ad[a]);
+            for (int a = 0; a < 3; a++)
+                cuda->forget_adapter(gpu.rt, &ad[a]);
     }
 
     /* 4. graph replay: the same 3-row decode batch (positions rewritten, same shape) twice */
@@ -258,7 +268,8 @@ int main(int argc, char **argv)
             if (both(&cpu, &gpu, &lb, lc, lg, vocab, what) < 0) break;
         }
     }
-    for (int a = 0; a < 3; a++) xp_lora_free(&ad[a]);
+    for (int a = 0; a < 3; a++)
+        xp_lora_free(&ad[a]);
     side_close(&gpu);
     side_close(&cpu);
     free(lc);

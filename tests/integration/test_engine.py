@@ -28,8 +28,9 @@ def rel_err(a, ref):
     return float(np.abs(a.astype(np.float64) - ref).max() / np.abs(ref).max())
 
 
-def write_adapter(base, d, seed=0, rslora=False):
-    """A PEFT adapter written the way PEFT saves one, with a rank_pattern entry."""
+def write_adapter(base, d, seed=0, rslora=False, dtype="BF16"):
+    """A PEFT adapter written the way PEFT saves one, with a rank_pattern entry. The values are
+    BF16-rounded whatever the file's dtype, so BF16 and F32 files hold the same numbers."""
     cfg = json.load(open(base / "config.json"))
     rng = np.random.default_rng(seed)
     h, i, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
@@ -44,8 +45,11 @@ def write_adapter(base, d, seed=0, rslora=False):
         a = rng.normal(0, 0.02, (r, in_dim)).astype(np.float32)
         b = rng.normal(0, 0.02, (out_dim, r)).astype(np.float32)
         p = f"base_model.model.model.layers.{layer}.{m}"
-        tensors[p + ".lora_A.weight"] = ("BF16", [r, in_dim], st.f32_to_bf16(a).tobytes())
-        tensors[p + ".lora_B.weight"] = ("BF16", [out_dim, r], st.f32_to_bf16(b).tobytes())
+        for name, x in ((".lora_A.weight", a), (".lora_B.weight", b)):
+            bits = st.f32_to_bf16(x)
+            raw = {"BF16": bits, "F32": st.bf16_to_f32(bits),
+                   "F16": st.bf16_to_f32(bits).astype(np.float16)}[dtype]
+            tensors[p + name] = (dtype, list(x.shape), raw.tobytes())
     os.makedirs(d, exist_ok=True)
     st.write_file(d / "adapter_model.safetensors", tensors, {"format": "pt"})
     json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16,
@@ -80,6 +84,18 @@ def test_score_with_adapter_matches_reference(tiny, tiny_fp8, tmp_path, rslora):
     assert rel_err(got, ref) < 1e-3
     # and the adapter matters: without it the logits move by far more than the tolerance
     assert rel_err(score(tiny_fp8, tmp_path), ref) > 1e-2
+
+
+def test_adapter_file_dtypes(tiny, tiny_fp8, tmp_path):
+    """BF16 adapters run from their BF16 values and F32/F16 ones as F32: the same numbers give
+    the same bits either way, and an F16 file matches the reference reading it."""
+    got = {}
+    for dtype in ("BF16", "F32", "F16"):
+        ad = write_adapter(tiny, tmp_path / dtype, dtype=dtype)
+        got[dtype] = score(tiny_fp8, tmp_path, adapter=ad)
+    assert np.array_equal(got["BF16"], got["F32"])
+    ref = qwen3_ref.Model(str(tiny_fp8), str(tmp_path / "F16")).logits(TOKENS)
+    assert rel_err(got["F16"], ref) < 1e-3
 
 
 def test_unmerged_equals_merged(tiny, tiny_fp8, tmp_path):

@@ -114,7 +114,8 @@ static void test_fp8_scale_edges(void **state)
                 /* summation order differs: bound by the sum of the terms' magnitudes */
                 double mag = 0;
                 xp_decode_row_ref(&k.l, r, b);
-                for (int j = 0; j < 256; j++) mag += fabs((double)x[i * 256 + j] * b[j]);
+                for (int j = 0; j < 256; j++)
+                    mag += fabs((double)x[i * 256 + j] * b[j]);
                 float got = y[i * 6 + r], want = ref[i * 6 + r];
                 assert_true(isfinite(got) && isfinite(want));
                 assert_true(fabs((double)got - want) <= 1e-6 * mag);
@@ -158,6 +159,32 @@ static void test_axpy_matches_reference(void **state)
         for (int i = 0; i < n; i++)
             assert_true(fabsf(y[i] - want[i]) <= 1e-6f * (fabsf(want[i]) + fabsf(a * x[i])));
     }
+}
+
+/* The BF16 LoRA kernels decode and then do exactly what the F32 ones do, at every level. */
+static void test_bf16_lora_kernels_match_f32(void **state)
+{
+    tu_rng r;
+    tu_rng_seed(&r, 12);
+    for (int scalar = 0; scalar < 2; scalar++) {
+        xp_cpu_force_scalar(scalar);
+        for (int n = 0; n < 300; n += 11) {
+            uint16_t h[300];
+            float wide[300], x[300], y1[300], y2[300];
+            for (int i = 0; i < n; i++) {
+                h[i] = xp_f32_to_bf16((float)tu_rng_normal(&r));
+                wide[i] = xp_bf16_to_f32(h[i]);
+                x[i] = (float)tu_rng_normal(&r);
+                y1[i] = y2[i] = (float)tu_rng_normal(&r);
+            }
+            float d1 = xp_dot_bf16(h, x, n), d2 = xp_dot(wide, x, n);
+            assert_memory_equal(&d1, &d2, sizeof d1);
+            xp_axpy_bf16(0.37f, h, y1, n);
+            xp_axpy(0.37f, wide, y2, n);
+            assert_memory_equal(y1, y2, (size_t)n * sizeof *y1);
+        }
+    }
+    xp_cpu_force_scalar(0);
 }
 
 static void check_linear(xp_dtype dt, int64_t rows, int64_t cols, int threads)
@@ -258,7 +285,8 @@ static void test_pool_back_to_back_calls(void **state)
             memset(r, 0, sizeof *r);
             r->ntasks = 2 + (i * 7) % 63;
             xp_pool_run(p, r->ntasks, count_round, r);
-            for (int t = 0; t < 64; t++) assert_int_equal(r->hits[t], t < r->ntasks);
+            for (int t = 0; t < 64; t++)
+                assert_int_equal(r->hits[t], t < r->ntasks);
         }
         xp_pool_destroy(p);
     }
@@ -271,6 +299,7 @@ int main(void)
         cmocka_unit_test(test_fp8_scale_edges),
         cmocka_unit_test(test_dot_matches_reference),
         cmocka_unit_test(test_axpy_matches_reference),
+        cmocka_unit_test(test_bf16_lora_kernels_match_f32),
         cmocka_unit_test(test_linear_matches_reference_and_is_batch_invariant),
         cmocka_unit_test(test_scalar_fallback),
         cmocka_unit_test(test_pool_runs_every_task_once),
