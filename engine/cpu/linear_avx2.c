@@ -24,18 +24,6 @@ __attribute__((target("avx2,fma,f16c"))) static inline void xp_fp8x16(const uint
     *hi = xp_fp8x8(q + 8, S);
 }
 
-__attribute__((target("avx2,fma,f16c"))) void xp_axpy_avx2(float a, const float *x, float *y,
-                                                           int64_t n)
-{
-    __m256 va = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i,
-                         _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++)
-        y[i] = fmaf(a, x[i], y[i]);
-}
-
 __attribute__((target("avx2,fma,f16c"))) void xp_decode_row_avx2(const xp_linear *l, int64_t r,
                                                                  float *dst)
 {
@@ -71,64 +59,78 @@ __attribute__((target("avx2,fma,f16c"))) void xp_decode_row_avx2(const xp_linear
     xp_decode_row_ref(l, r, dst);
 }
 
-__attribute__((target("avx2,fma,f16c"))) static inline __m256 xp_bf16x8(const uint16_t *h)
+#define XP_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+XP_AVX2 static inline __m256 xp_bf16x8(const uint16_t *h)
 {
     __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)h));
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
-__attribute__((target("avx2,fma,f16c"))) void xp_axpy_bf16_avx2(float a, const uint16_t *x,
-                                                                float *y, int64_t n)
+/* 8 values of a vector held as F32 or BF16, as F32; bf16 is a constant per expansion. */
+XP_AVX2 __attribute__((always_inline)) static inline __m256 xp_load8(const void *a, int64_t i,
+                                                                     const int bf16)
+{
+    return bf16 ? xp_bf16x8((const uint16_t *)a + i) : _mm256_loadu_ps((const float *)a + i);
+}
+
+static inline float xp_load1(const void *a, int64_t i, const int bf16)
+{
+    return bf16 ? xp_bf16_to_f32(((const uint16_t *)a)[i]) : ((const float *)a)[i];
+}
+
+XP_AVX2 __attribute__((always_inline)) static inline void
+xp_axpy256(float a, const void *x, float *y, int64_t n, const int bf16)
 {
     __m256 va = _mm256_set1_ps(a);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, xp_bf16x8(x + i), _mm256_loadu_ps(y + i)));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, xp_load8(x, i, bf16), _mm256_loadu_ps(y + i)));
     for (; i < n; i++)
-        y[i] = fmaf(a, xp_bf16_to_f32(x[i]), y[i]);
+        y[i] = fmaf(a, xp_load1(x, i, bf16), y[i]);
 }
 
-/* xp_dot_avx2's order, with a's BF16 widened as it is loaded. */
-__attribute__((target("avx2,fma,f16c"))) float xp_dot_bf16_avx2(const uint16_t *a, const float *b,
-                                                                int64_t n)
+/* The dot product's one order: two 8-wide accumulators over 16-element chunks, one 8-element
+ * chunk, a horizontal sum, the scalar tail. a may be BF16, widened as it is loaded. */
+XP_AVX2 __attribute__((always_inline)) static inline float xp_dot256(const void *a, const float *b,
+                                                                     int64_t n, const int bf16)
 {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(xp_bf16x8(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(xp_bf16x8(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s0 = _mm256_fmadd_ps(xp_load8(a, i, bf16), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(xp_load8(a, i + 8, bf16), _mm256_loadu_ps(b + i + 8), s1);
     }
     for (; i + 8 <= n; i += 8)
-        s0 = _mm256_fmadd_ps(xp_bf16x8(a + i), _mm256_loadu_ps(b + i), s0);
+        s0 = _mm256_fmadd_ps(xp_load8(a, i, bf16), _mm256_loadu_ps(b + i), s0);
     s0 = _mm256_add_ps(s0, s1);
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
     h = _mm_hadd_ps(h, h);
     h = _mm_hadd_ps(h, h);
     float s = _mm_cvtss_f32(h);
     for (; i < n; i++)
-        s += xp_bf16_to_f32(a[i]) * b[i];
+        s += xp_load1(a, i, bf16) * b[i];
     return s;
 }
 
-__attribute__((target("avx2,fma,f16c"))) float xp_dot_avx2(const float *a, const float *b,
-                                                           int64_t n)
+XP_AVX2 void xp_axpy_avx2(float a, const float *x, float *y, int64_t n)
 {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    for (; i + 8 <= n; i += 8)
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s0 = _mm256_add_ps(s0, s1);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
-    h = _mm_hadd_ps(h, h);
-    h = _mm_hadd_ps(h, h);
-    float s = _mm_cvtss_f32(h);
-    for (; i < n; i++)
-        s += a[i] * b[i];
-    return s;
+    xp_axpy256(a, x, y, n, 0);
+}
+
+XP_AVX2 void xp_axpy_bf16_avx2(float a, const uint16_t *x, float *y, int64_t n)
+{
+    xp_axpy256(a, x, y, n, 1);
+}
+
+XP_AVX2 float xp_dot_avx2(const float *a, const float *b, int64_t n)
+{
+    return xp_dot256(a, b, n, 0);
+}
+
+XP_AVX2 float xp_dot_bf16_avx2(const uint16_t *a, const float *b, int64_t n)
+{
+    return xp_dot256(a, b, n, 1);
 }
 
 /* Four dot products against one weight row, each in exactly xp_dot_avx2's order. */

@@ -66,62 +66,68 @@ XP_AVX512 void xp_decode_row_avx512(const xp_linear *l, int64_t r, float *dst)
     xp_decode_row_ref(l, r, dst);
 }
 
-XP_AVX512 void xp_axpy_avx512(float a, const float *x, float *y, int64_t n)
+/* 16 values of a vector held as F32 or BF16, as F32; bf16 is a constant per expansion. */
+XP_AVX512 __attribute__((always_inline)) static inline __m512 xp_load16(const void *a, int64_t i,
+                                                                        const int bf16)
+{
+    return bf16 ? xp_bf16x16((const uint16_t *)a + i) : _mm512_loadu_ps((const float *)a + i);
+}
+
+static inline float xp_load1(const void *a, int64_t i, const int bf16)
+{
+    return bf16 ? xp_bf16_to_f32(((const uint16_t *)a)[i]) : ((const float *)a)[i];
+}
+
+XP_AVX512 __attribute__((always_inline)) static inline void
+xp_axpy512(float a, const void *x, float *y, int64_t n, const int bf16)
 {
     __m512 va = _mm512_set1_ps(a);
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(y + i,
-                         _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, xp_load16(x, i, bf16), _mm512_loadu_ps(y + i)));
     for (; i < n; i++)
-        y[i] = fmaf(a, x[i], y[i]);
+        y[i] = fmaf(a, xp_load1(x, i, bf16), y[i]);
+}
+
+/* The dot product's one order: two accumulators over 32-element chunks, one 16-element chunk, a
+ * reduction, the scalar tail. a may be BF16 (LoRA factors as stored), widened as it is loaded. */
+XP_AVX512 __attribute__((always_inline)) static inline float
+xp_dot512(const void *a, const float *b, int64_t n, const int bf16)
+{
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(xp_load16(a, i, bf16), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(xp_load16(a, i + 16, bf16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    if (i + 16 <= n) {
+        s0 = _mm512_fmadd_ps(xp_load16(a, i, bf16), _mm512_loadu_ps(b + i), s0);
+        i += 16;
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    for (; i < n; i++)
+        s += xp_load1(a, i, bf16) * b[i];
+    return s;
+}
+
+XP_AVX512 void xp_axpy_avx512(float a, const float *x, float *y, int64_t n)
+{
+    xp_axpy512(a, x, y, n, 0);
 }
 
 XP_AVX512 void xp_axpy_bf16_avx512(float a, const uint16_t *x, float *y, int64_t n)
 {
-    __m512 va = _mm512_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, xp_bf16x16(x + i), _mm512_loadu_ps(y + i)));
-    for (; i < n; i++)
-        y[i] = fmaf(a, xp_bf16_to_f32(x[i]), y[i]);
-}
-
-/* xp_dot_avx512's order, with a's BF16 widened as it is loaded. */
-XP_AVX512 float xp_dot_bf16_avx512(const uint16_t *a, const float *b, int64_t n)
-{
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 = _mm512_fmadd_ps(xp_bf16x16(a + i), _mm512_loadu_ps(b + i), s0);
-        s1 = _mm512_fmadd_ps(xp_bf16x16(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
-    }
-    if (i + 16 <= n) {
-        s0 = _mm512_fmadd_ps(xp_bf16x16(a + i), _mm512_loadu_ps(b + i), s0);
-        i += 16;
-    }
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-    for (; i < n; i++)
-        s += xp_bf16_to_f32(a[i]) * b[i];
-    return s;
+    xp_axpy512(a, x, y, n, 1);
 }
 
 XP_AVX512 float xp_dot_avx512(const float *a, const float *b, int64_t n)
 {
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
-    }
-    if (i + 16 <= n) {
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-        i += 16;
-    }
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-    for (; i < n; i++)
-        s += a[i] * b[i];
-    return s;
+    return xp_dot512(a, b, n, 0);
+}
+
+XP_AVX512 float xp_dot_bf16_avx512(const uint16_t *a, const float *b, int64_t n)
+{
+    return xp_dot512(a, b, n, 1);
 }
 
 XP_AVX512 void xp_dot4_avx512(const float *x, int64_t ldx, const float *w, int64_t n, float *out)
