@@ -13,6 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define XP_LORA_SHRINK_K 4   /* ranks per shrink task */
+#define XP_LORA_EXPAND_O 512 /* outputs per expand task */
+
 struct xp_runtime {
     const xp_model *m;
     xp_kv_cache *kv;
@@ -56,7 +59,7 @@ xp_runtime *xp_runtime_create(const xp_model *m, xp_kv_cache *kv, int threads, i
     rt->lora_tmp = calloc((size_t)rt->threads, sizeof *rt->lora_tmp);
     if (!rt->scratch || !rt->att_scratch || !rt->lora_tmp) goto oom;
     for (int t = 0; t < rt->threads; t++) {
-        if (!(rt->lora_tmp[t] = xp_falloc(XP_MAX_LORA_RANK + (size_t)maxc))) goto oom;
+        if (!(rt->lora_tmp[t] = xp_falloc(XP_LORA_EXPAND_O))) goto oom;
         rt->scratch[t] = xp_falloc(xp_linear_scratch_floats(maxc));
         /* attention: a KV group's scores and their sums */
         int group = g->num_attention_heads / g->num_key_value_heads;
@@ -113,8 +116,6 @@ void xp_runtime_destroy(xp_runtime *rt)
     free(rt);
 }
 
-#define XP_LORA_SHRINK_K 4   /* ranks per shrink task */
-#define XP_LORA_EXPAND_O 512 /* outputs per expand task */
 
 typedef struct {
     xp_runtime *rt;
