@@ -7,6 +7,14 @@
 #include <immintrin.h>
 #include <math.h>
 
+#define XP_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+XP_AVX2 static inline __m256 xp_bf16x8(const uint16_t *h)
+{
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)h));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
 /* 8 E4M3 codes to F32 by moving their fields into F32's places (see linear_avx512.c): the float
  * read is the value times 2^-120, so multiplying by S = 2^120 * scale gives the weight, rounded
  * once. NaN codes are refused at load. */
@@ -48,10 +56,8 @@ __attribute__((target("avx2,fma,f16c"))) void xp_decode_row_avx2(const xp_linear
     }
     if (l->dtype == XP_BF16) {
         const uint16_t *w = (const uint16_t *)l->w + r * cols;
-        for (; j + 8 <= cols; j += 8) {
-            __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + j)));
-            _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
-        }
+        for (; j + 8 <= cols; j += 8)
+            _mm256_storeu_ps(dst + j, xp_bf16x8(w + j));
         for (; j < cols; j++)
             dst[j] = xp_bf16_to_f32(w[j]);
         return;
@@ -59,24 +65,11 @@ __attribute__((target("avx2,fma,f16c"))) void xp_decode_row_avx2(const xp_linear
     xp_decode_row_ref(l, r, dst);
 }
 
-#define XP_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-XP_AVX2 static inline __m256 xp_bf16x8(const uint16_t *h)
-{
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)h));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-
 /* 8 values of a vector held as F32 or BF16, as F32; bf16 is a constant per expansion. */
 XP_AVX2 __attribute__((always_inline)) static inline __m256 xp_load8(const void *a, int64_t i,
                                                                      const int bf16)
 {
     return bf16 ? xp_bf16x8((const uint16_t *)a + i) : _mm256_loadu_ps((const float *)a + i);
-}
-
-static inline float xp_load1(const void *a, int64_t i, const int bf16)
-{
-    return bf16 ? xp_bf16_to_f32(((const uint16_t *)a)[i]) : ((const float *)a)[i];
 }
 
 XP_AVX2 __attribute__((always_inline)) static inline void
@@ -205,11 +198,8 @@ xp_fused_n(const xp_linear *l, int64_t r, const float *x, int64_t ldx, float *ou
             tail_w[j - i] = xp_fp8_e4m3_to_f32(q[j]) * s[j / l->bc];
     } else {
         const uint16_t *h = (const uint16_t *)l->w + r * cols;
-#define XP_BF8(j)                                                                                  \
-    _mm256_castsi256_ps(                                                                           \
-        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + (j)))), 16))
         for (; i + 16 <= cols; i += 16) {
-            __m256 w0 = XP_BF8(i), w1 = XP_BF8(i + 8);
+            __m256 w0 = xp_bf16x8(h + i), w1 = xp_bf16x8(h + i + 8);
             _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
             {
                 a0[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
@@ -217,12 +207,11 @@ xp_fused_n(const xp_linear *l, int64_t r, const float *x, int64_t ldx, float *ou
             }
         }
         if (i + 8 <= cols) {
-            __m256 w0 = XP_BF8(i);
+            __m256 w0 = xp_bf16x8(h + i);
             _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) a0[k] =
                 _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
             i += 8;
         }
-#undef XP_BF8
         for (int64_t j = i; j < cols; j++)
             tail_w[j - i] = xp_bf16_to_f32(h[j]);
     }

@@ -73,11 +73,6 @@ XP_AVX512 __attribute__((always_inline)) static inline __m512 xp_load16(const vo
     return bf16 ? xp_bf16x16((const uint16_t *)a + i) : _mm512_loadu_ps((const float *)a + i);
 }
 
-static inline float xp_load1(const void *a, int64_t i, const int bf16)
-{
-    return bf16 ? xp_bf16_to_f32(((const uint16_t *)a)[i]) : ((const float *)a)[i];
-}
-
 XP_AVX512 __attribute__((always_inline)) static inline void
 xp_axpy512(float a, const void *x, float *y, int64_t n, const int bf16)
 {

@@ -8,6 +8,12 @@
 
 #include <stdint.h>
 
+/* Element i of a vector held as F32 or BF16 (the scalar tails of the vector kernels). */
+static inline float xp_load1(const void *a, int64_t i, const int bf16)
+{
+    return bf16 ? xp_bf16_to_f32(((const uint16_t *)a)[i]) : ((const float *)a)[i];
+}
+
 typedef struct {
     float (*dot)(const float *a, const float *b, int64_t n);
     /* four dots of x rows (stride ldx) with one weight row w */
