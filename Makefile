@@ -6,13 +6,15 @@ CC      ?= cc
 BUILD   := build
 WARN    := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wno-unused-parameter
 CFLAGS  ?= -O2 -g
-CFLAGS  += -std=c11 -D_GNU_SOURCE -pthread $(WARN) -Iengine -Iadapters -MMD -MP
-# OpenBLAS/LAPACKE for the toolkit's linear algebra
+CFLAGS  += -std=c11 -D_GNU_SOURCE -pthread $(WARN) -Iengine -MMD -MP
+# the toolkit and the tests see the toolkit's headers; the engine does not
+$(BUILD)/obj/adapters/%.o $(BUILD)/san/obj/adapters/%.o $(BUILD)/obj/tests/%.o $(BUILD)/san/obj/tests/%.o: CFLAGS += -Iadapters
+# what libxprec needs; OpenBLAS/LAPACKE only for the toolkit's linear algebra (SVD, extraction)
+LDLIBS  := -lcjson -lpcre2-8 -lutf8proc -lm -pthread
 BLAS_LIBS := $(shell pkg-config --libs openblas 2>/dev/null || echo -lopenblas) -llapacke
-LDLIBS  := -lcjson -lpcre2-8 -lutf8proc $(BLAS_LIBS) -lm -pthread
 SAN     := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
-ENGINE_SRC   := $(sort $(wildcard engine/*.c engine/cpu/*.c))
+ENGINE_SRC   := $(sort $(filter-out engine/cuda/%,$(wildcard engine/*.c engine/*/*.c)))
 ADAPTERS_SRC := $(sort $(wildcard adapters/*.c))
 CLI_MAIN     := adapters/main.c
 TOOL_SRC     := $(filter-out $(CLI_MAIN),$(ADAPTERS_SRC))
@@ -22,6 +24,9 @@ UNIT_SUPPORT := $(filter-out $(UNIT_SRC),$(wildcard tests/unit/*.c))
 obj      = $(patsubst %.c,$(BUILD)/$(1)/%.o,$(2))
 LIB      := $(BUILD)/lib/libxprec.a
 LIB_SAN  := $(BUILD)/san/libxprec.a
+# the toolkit's objects as an archive: a test pulls in only the members it calls (svd, extract)
+TOOLLIB  := $(BUILD)/lib/libxptool.a
+TOOLLIB_SAN := $(BUILD)/san/libxptool.a
 XPREC    := $(BUILD)/bin/xprec
 XPREC_SAN:= $(BUILD)/san/bin/xprec
 UNITS    := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRC))
@@ -46,21 +51,29 @@ $(LIB_SAN): $(call obj,san/obj,$(ENGINE_SRC))
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
+$(TOOLLIB): $(call obj,obj,$(TOOL_SRC))
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+$(TOOLLIB_SAN): $(call obj,san/obj,$(TOOL_SRC))
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
 $(XPREC): $(call obj,obj,$(CLI_MAIN) $(TOOL_SRC)) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+	$(CC) $(CFLAGS) -o $@ $^ $(BLAS_LIBS) $(LDLIBS)
 
 $(XPREC_SAN): $(call obj,san/obj,$(CLI_MAIN) $(TOOL_SRC)) $(LIB_SAN)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS)
+	$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(BLAS_LIBS) $(LDLIBS)
 
-$(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(call obj,obj,$(UNIT_SUPPORT) $(TOOL_SRC)) $(LIB)
+$(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(call obj,obj,$(UNIT_SUPPORT)) $(TOOLLIB) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
+	$(CC) $(CFLAGS) -o $@ $^ $(BLAS_LIBS) $(LDLIBS) -lcmocka
 
-$(BUILD)/san/tests/%: $(BUILD)/san/obj/tests/unit/%.o $(call obj,san/obj,$(UNIT_SUPPORT) $(TOOL_SRC)) $(LIB_SAN)
+$(BUILD)/san/tests/%: $(BUILD)/san/obj/tests/unit/%.o $(call obj,san/obj,$(UNIT_SUPPORT)) $(TOOLLIB_SAN) $(LIB_SAN)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS) -lcmocka
+	$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(BLAS_LIBS) $(LDLIBS) -lcmocka
 
 deps:
 	scripts/deps.sh
@@ -92,7 +105,7 @@ bench: $(XPREC)
 	scripts/bench.sh
 
 format:
-	clang-format -i $(ENGINE_SRC) $(ADAPTERS_SRC) $(UNIT_SRC) $(wildcard engine/*.h adapters/*.h)
+	clang-format -i $(ENGINE_SRC) $(ADAPTERS_SRC) $(UNIT_SRC) $(wildcard engine/*.h engine/*/*.h adapters/*.h)
 
 clean:
 	rm -rf $(BUILD)/obj $(BUILD)/san $(BUILD)/lib $(BUILD)/bin $(BUILD)/tests

@@ -26,9 +26,9 @@ CUDA_LIBS   := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lc
 NVCCFLAGS   ?= -O3
 NVCCFLAGS   += -arch=$(CUDA_ARCH) -std=c++17 -Iengine -Xcompiler -Wall,-Wextra,-fno-strict-aliasing \
                -Werror all-warnings
-CUDA_CFLAGS := -Iengine/cuda -isystem $(CUDA_HOME)/include
+CUDA_CFLAGS := -isystem $(CUDA_HOME)/include
 
-$(BUILD)/cuda/obj/%.o: %.cu engine/cuda/xpc_kernels.h engine/xp_error.h
+$(BUILD)/cuda/obj/%.o: %.cu engine/cuda/xpc_kernels.h engine/util/xp_error.h
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 

@@ -1,5 +1,5 @@
 #include "cli.h"
-#include "xp_error.h"
+#include "util/xp_error.h"
 
 #include <dirent.h>
 #include <errno.h>

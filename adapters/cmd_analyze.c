@@ -4,12 +4,12 @@
  * the noise's energy inside L's column space (subspace leakage) against its random baseline
  * r / d_out. A cosine near 0 and leakage near the baseline say the transfer (Method A) leaves the
  * noise alone; a corrective adapter (Method B) points at -N and shows a negative cosine. */
-#include "checkpoint.h"
+#include "format/checkpoint.h"
 #include "cli.h"
 #include "commands.h"
 #include "lora_extract.h"
-#include "peft.h"
-#include "xp_error.h"
+#include "format/peft.h"
+#include "util/xp_error.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

@@ -4,11 +4,11 @@
 #include "cli.h"
 #include "commands.h"
 #include "cpu/pool.h"
-#include "kv_cache.h"
-#include "peft.h"
-#include "qwen3_config.h"
-#include "rng.h"
-#include "xp_error.h"
+#include "serve/kv_cache.h"
+#include "format/peft.h"
+#include "format/qwen3_config.h"
+#include "util/rng.h"
+#include "util/xp_error.h"
 #include "xprec.h"
 
 #include <ftw.h>

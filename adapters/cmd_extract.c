@@ -4,12 +4,12 @@
  * weights, Method B (corrective extraction). Everything a LoRA cannot carry (norms, embeddings,
  * lm_head, biases, untargeted modules) is measured and listed, so the operator sees what the
  * sanitization drops. */
-#include "checkpoint.h"
+#include "format/checkpoint.h"
 #include "cli.h"
 #include "commands.h"
 #include "lora_extract.h"
-#include "peft.h"
-#include "xp_error.h"
+#include "format/peft.h"
+#include "util/xp_error.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

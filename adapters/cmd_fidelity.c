@@ -8,15 +8,15 @@
  * C (the fine-tune quantized directly), and controls: A's adapter on the BF16 base, the FP8
  * base alone, the BF16 base alone. Adapters and the quantized fine-tune are built once into a
  * cache directory and reused. */
-#include "chat.h"
+#include "tokenizer/chat.h"
 #include "cli.h"
 #include "commands.h"
 #include "fidelity_prompts.h"
-#include "forward.h"
-#include "sampler.h"
-#include "fsutil.h"
-#include "tokenizer.h"
-#include "xp_error.h"
+#include "cpu/forward.h"
+#include "serve/sampler.h"
+#include "util/fsutil.h"
+#include "tokenizer/tokenizer.h"
+#include "util/xp_error.h"
 
 #include <cjson/cJSON.h>
 #include <getopt.h>

@@ -1,7 +1,7 @@
 /* xprec generate: one request through the engine, its text streamed to stdout as it comes. */
 #include "cli.h"
 #include "commands.h"
-#include "xp_error.h"
+#include "util/xp_error.h"
 #include "xprec.h"
 
 #include <cjson/cJSON.h>

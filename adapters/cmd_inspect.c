@@ -1,14 +1,14 @@
 /* xprec inspect: what is in a checkpoint, adapter or safetensors file — the tensor table, the
  * detected format and block size, and per-tensor statistics after dequantization, with warnings
  * for values no trained model has (the thesis's "autopsy", as a command). */
-#include "blockquant.h"
-#include "checkpoint.h"
+#include "format/blockquant.h"
+#include "format/checkpoint.h"
 #include "cli.h"
 #include "commands.h"
-#include "fp8.h"
-#include "fsutil.h"
-#include "peft.h"
-#include "xp_error.h"
+#include "format/fp8.h"
+#include "util/fsutil.h"
+#include "format/peft.h"
+#include "util/xp_error.h"
 
 #include <cjson/cJSON.h>
 #include <getopt.h>

@@ -1,11 +1,11 @@
 /* xprec quantize / dequantize: BF16 <-> FP8 block-quantized checkpoints, tensor by tensor (peak
  * memory is one tensor's worth, not the model's). quantize is the thesis's Method C. */
-#include "blockquant.h"
-#include "checkpoint.h"
+#include "format/blockquant.h"
+#include "format/checkpoint.h"
 #include "cli.h"
 #include "commands.h"
-#include "fsutil.h"
-#include "xp_error.h"
+#include "util/fsutil.h"
+#include "util/xp_error.h"
 
 #include <getopt.h>
 #include <limits.h>

@@ -3,10 +3,10 @@
 #include "backend.h"
 #include "cli.h"
 #include "commands.h"
-#include "forward.h"
+#include "cpu/forward.h"
 #include "npy.h"
-#include "tokenizer.h"
-#include "xp_error.h"
+#include "tokenizer/tokenizer.h"
+#include "util/xp_error.h"
 
 #include <getopt.h>
 #include <stdio.h>

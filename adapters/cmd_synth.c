@@ -1,11 +1,11 @@
 /* xprec synth: random Qwen3-shaped BF16 checkpoints for tests and benchmarks, and planted
  * "fine-tunes" of them (base + a known rank-K update + optional dense noise) that stand in for a
  * real fine-tune when testing extraction and fidelity. */
-#include "checkpoint.h"
+#include "format/checkpoint.h"
 #include "cli.h"
 #include "commands.h"
-#include "rng.h"
-#include "xp_error.h"
+#include "util/rng.h"
+#include "util/xp_error.h"
 
 #include <cblas.h>
 #include <getopt.h>

@@ -1,8 +1,8 @@
 /* xprec tokenize: token ids of a text or a chat with a checkpoint's tokenizer, and back. */
-#include "chat.h"
+#include "tokenizer/chat.h"
 #include "commands.h"
-#include "tokenizer.h"
-#include "xp_error.h"
+#include "tokenizer/tokenizer.h"
+#include "util/xp_error.h"
 
 #include <cjson/cJSON.h>
 #include <getopt.h>

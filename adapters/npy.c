@@ -1,5 +1,5 @@
 #include "npy.h"
-#include "xp_error.h"
+#include "util/xp_error.h"
 
 #include <errno.h>
 #include <string.h>

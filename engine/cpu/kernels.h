@@ -3,8 +3,8 @@
 #ifndef XP_CPU_KERNELS_H
 #define XP_CPU_KERNELS_H
 
-#include "model.h"
-#include "pool.h"
+#include "model/model.h"
+#include "cpu/pool.h"
 
 #include <stddef.h>
 

@@ -4,8 +4,8 @@
  * once per call, whatever the number of input rows) and dotted with the input rows, four at a
  * time. Every output element is one dot product computed in the same order whatever the batch
  * holds, so a request gets bit-identical logits alone and in any batch (batch invariance). */
-#include "kernels.h"
-#include "simd.h"
+#include "cpu/kernels.h"
+#include "cpu/simd.h"
 
 #include <cpuid.h>
 

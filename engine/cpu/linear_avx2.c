@@ -1,8 +1,8 @@
 /* AVX2/FMA/F16C kernels (see simd.h). Every dot product sums in one fixed order: two 8-wide
  * accumulators over 16-element chunks, one 8-element chunk, a horizontal sum, the scalar tail. */
-#include "fp8.h"
-#include "kernels.h"
-#include "simd.h"
+#include "format/fp8.h"
+#include "cpu/kernels.h"
+#include "cpu/simd.h"
 
 #include <immintrin.h>
 #include <math.h>

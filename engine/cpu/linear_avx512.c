@@ -1,9 +1,9 @@
 /* AVX-512 (F, BW, VL) + F16C kernels (see simd.h): the AVX2 kernels twice as wide. Every dot
  * product sums in one fixed order: two 16-wide accumulators over 32-element chunks, one
  * 16-element chunk, a reduction, the scalar tail. */
-#include "fp8.h"
-#include "kernels.h"
-#include "simd.h"
+#include "format/fp8.h"
+#include "cpu/kernels.h"
+#include "cpu/simd.h"
 
 #include <immintrin.h>
 #include <math.h>

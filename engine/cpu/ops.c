@@ -1,6 +1,6 @@
 /* Row-wise operations of the forward pass: the CPU versions are the references the CUDA kernels
  * are tested against (tests/gpu/). */
-#include "ops.h"
+#include "cpu/ops.h"
 
 #include <math.h>
 

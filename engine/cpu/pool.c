@@ -5,7 +5,7 @@
  *
  * Tasks are claimed from one 64-bit word holding (generation << 32 | next task), so a worker that
  * is late from the previous call can never take a task of the next one with the old job. */
-#include "pool.h"
+#include "cpu/pool.h"
 
 #include <pthread.h>
 #include <stdatomic.h>

@@ -4,7 +4,7 @@
 #ifndef XP_SIMD_H
 #define XP_SIMD_H
 
-#include "model.h"
+#include "model/model.h"
 
 #include <stdint.h>
 

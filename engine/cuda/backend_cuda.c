@@ -14,10 +14,10 @@
  * on their own stream; the compute stream waits on an event only when a batch needs them.
  * Batches of up to XPREC_CUDA_GRAPH_ROWS rows replay a CUDA graph captured per shape. */
 #include "backend.h"
-#include "dtype.h"
-#include "gemm_lt.h"
-#include "xp_error.h"
-#include "xpc_kernels.h"
+#include "format/dtype.h"
+#include "cuda/gemm_lt.h"
+#include "util/xp_error.h"
+#include "cuda/xpc_kernels.h"
 
 #include <cuda_runtime.h>
 #include <pthread.h>

@@ -1,10 +1,10 @@
 /* cuBLASLt products for prefill: FP8 with block scaling (128x128 weights, 1x128 activations) and
  * BF16, both accumulating in F32. Plans (descriptors, layouts, the chosen algorithm) are cached
  * per shape since the heuristic query costs more than a small product. */
-#include "gemm_lt.h"
-#include "fp8.h"
-#include "xp_error.h"
-#include "xpc_kernels.h"
+#include "cuda/gemm_lt.h"
+#include "format/fp8.h"
+#include "util/xp_error.h"
+#include "cuda/xpc_kernels.h"
 
 #include <cublasLt.h>
 #include <cuda_runtime.h>

@@ -1,7 +1,7 @@
 /* CUDA kernels of the Qwen3 forward pass, each the twin of a CPU reference in engine/forward.c
  * or engine/cpu/linear.c (tests/gpu/test_kernels.c holds each pair against the other). All
  * arithmetic is F32; weights are decoded in registers from FP8/BF16/F16/F32. */
-#include "xpc_kernels.h"
+#include "cuda/xpc_kernels.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -10,7 +10,7 @@
 #include <math.h>
 
 extern "C" {
-#include "../xp_error.h"
+#include "util/xp_error.h"
 }
 
 #define XPC_KV_BLOCK 16 /* engine/kv_cache.h XP_KV_BLOCK; checked by the backend at create */

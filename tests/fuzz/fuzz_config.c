@@ -1,6 +1,6 @@
 /* libFuzzer target: arbitrary text as config.json and as adapter ignore patterns. */
-#include "qwen3_config.h"
-#include "xp_error.h"
+#include "format/qwen3_config.h"
+#include "util/xp_error.h"
 
 #include <stdint.h>
 #include <stdlib.h>

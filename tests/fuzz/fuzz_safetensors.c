@@ -1,7 +1,7 @@
 /* libFuzzer target: arbitrary bytes as a .safetensors file. Opening must either fail with a
  * message or give tensors whose byte ranges lie inside the file; never crash or leak. */
-#include "safetensors.h"
-#include "xp_error.h"
+#include "format/safetensors.h"
+#include "util/xp_error.h"
 
 #include <stdint.h>
 #include <stdio.h>

@@ -1,8 +1,8 @@
 /* libFuzzer target: arbitrary bytes through the real Qwen3 tokenizer. Invalid UTF-8 is refused
  * with a message; valid text encodes, decodes to its NFC form's bytes length-consistently, and
  * the streaming decoder agrees with the whole decode. Needs XPREC_NPM (the npm package). */
-#include "tokenizer.h"
-#include "xp_error.h"
+#include "tokenizer/tokenizer.h"
+#include "util/xp_error.h"
 
 #include <stdint.h>
 #include <stdio.h>

@@ -2,9 +2,9 @@
  * 1 and 8 input rows: the figure to hold against the HBM roofline (H100 SXM ~3350 GB/s, H200
  * ~4800 GB/s). Also times the prefill paths on a 512-row batch. Prints a table; the last line
  * is the pass/fail tally run.sh counts (a run that completes passes: these are measurements). */
-#include "gemm_lt.h"
-#include "xp_error.h"
-#include "xpc_kernels.h"
+#include "cuda/gemm_lt.h"
+#include "util/xp_error.h"
+#include "cuda/xpc_kernels.h"
 
 #include "gpu_util.h"
 

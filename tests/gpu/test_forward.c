@@ -8,8 +8,8 @@
  * Logits must agree within XP_GPU_TOL (default 1e-2) of the largest |logit| of the batch.
  * usage: test_forward MODEL_DIR [LABEL] */
 #include "backend.h"
-#include "rng.h"
-#include "xp_error.h"
+#include "util/rng.h"
+#include "util/xp_error.h"
 
 #include "gpu_util.h"
 

@@ -7,13 +7,13 @@
  * static (rmsnorm, RoPE, attention, LoRA), line-for-line copies of them below. */
 #include "cpu/ops.h"
 #include "cpu/kernels.h"
-#include "dtype.h"
-#include "fp8.h"
-#include "gemm_lt.h"
-#include "kv_cache.h"
-#include "rng.h"
-#include "xp_error.h"
-#include "xpc_kernels.h"
+#include "format/dtype.h"
+#include "format/fp8.h"
+#include "cuda/gemm_lt.h"
+#include "serve/kv_cache.h"
+#include "util/rng.h"
+#include "util/xp_error.h"
+#include "cuda/xpc_kernels.h"
 
 #include "gpu_util.h"
 

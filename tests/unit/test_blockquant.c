@@ -1,8 +1,8 @@
 /* Block quantization: the error bound, the scales, zero blocks, ragged edges, bad input. */
 #include "testutil.h"
 
-#include "blockquant.h"
-#include "fp8.h"
+#include "format/blockquant.h"
+#include "format/fp8.h"
 
 #include <math.h>
 #include <stdio.h>

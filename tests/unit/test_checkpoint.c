@@ -2,8 +2,8 @@
  * FP8 layouts, and every structural defect is refused with a message naming the tensor. */
 #include "testutil.h"
 
-#include "blockquant.h"
-#include "checkpoint.h"
+#include "format/blockquant.h"
+#include "format/checkpoint.h"
 
 #include <math.h>
 #include <stdio.h>

@@ -2,9 +2,9 @@
  * rewrite for quantized output, and tensor-name roles. */
 #include "testutil.h"
 
-#include "checkpoint.h"
-#include "json_util.h"
-#include "qwen3_config.h"
+#include "format/checkpoint.h"
+#include "util/json_util.h"
+#include "format/qwen3_config.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>

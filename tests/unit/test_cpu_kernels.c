@@ -3,7 +3,7 @@
 #include "testutil.h"
 
 #include "cpu/kernels.h"
-#include "fp8.h"
+#include "format/fp8.h"
 
 #include <math.h>
 #include <stdlib.h>

@@ -1,8 +1,8 @@
 /* FP8 E4M3FN, BF16 and F16 scalar conversions, checked against the format definitions. */
 #include "testutil.h"
 
-#include "dtype.h"
-#include "fp8.h"
+#include "format/dtype.h"
+#include "format/fp8.h"
 
 #include <math.h>
 #include <stdio.h>

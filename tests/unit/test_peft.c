@@ -2,7 +2,7 @@
  * is refused with a message that says why. */
 #include "testutil.h"
 
-#include "peft.h"
+#include "format/peft.h"
 
 #include <math.h>
 #include <stdio.h>

@@ -2,7 +2,7 @@
  * malformed files that must each be refused with an error naming the problem. */
 #include "testutil.h"
 
-#include "safetensors.h"
+#include "format/safetensors.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>

@@ -3,7 +3,7 @@
  * Qwen-sized vocabulary against a brute-force sort. */
 #include "testutil.h"
 
-#include "sampler.h"
+#include "serve/sampler.h"
 
 #include <math.h>
 #include <stdlib.h>

@@ -3,8 +3,8 @@
  * streaming decoder, stop ids, ChatML, and encoding from several threads. */
 #include "testutil.h"
 
-#include "chat.h"
-#include "tokenizer.h"
+#include "tokenizer/chat.h"
+#include "tokenizer/tokenizer.h"
 
 #include <cjson/cJSON.h>
 #include <pthread.h>

@@ -1,9 +1,9 @@
 #include "testmodel.h"
 #include "testutil.h"
 
-#include "blockquant.h"
-#include "peft.h"
-#include "rng.h"
+#include "format/blockquant.h"
+#include "format/peft.h"
+#include "util/rng.h"
 
 #include <stdio.h>
 #include <stdlib.h>

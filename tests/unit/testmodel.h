@@ -3,7 +3,7 @@
 #ifndef XP_TESTMODEL_H
 #define XP_TESTMODEL_H
 
-#include "checkpoint.h"
+#include "format/checkpoint.h"
 
 /* A model with the real vocabulary and tiny dimensions; FP8 block 32x32 when fp8. Returns 0, or
  * -1 when the tokenizer files are not installed (the caller skips). */

@@ -10,7 +10,7 @@
 
 #include <string.h>
 
-#include "xp_error.h"
+#include "util/xp_error.h"
 
 /* Scratch directory: $XPREC_TEST_TMP, else a mkdtemp directory under /tmp removed at exit. */
 const char *tu_tmpdir(void);

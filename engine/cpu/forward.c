@@ -1,0 +1,330 @@
+/* The Qwen3 forward pass on the CPU, the reference every other backend is checked against:
+ *   x = embed[token]
+ *   per layer: h = rmsnorm(x); q,k,v = h W^T (+ LoRA); per-head rmsnorm of q and k; RoPE;
+ *              store k,v; attention (GQA, causal); x += o_proj(att)
+ *              h = rmsnorm(x); x += down(silu(gate(h)) * up(h))
+ *   logits = rmsnorm(x) lm_head^T, for the rows asked for. */
+#include "cpu/forward.h"
+#include "cpu/kernels.h"
+#include "cpu/ops.h"
+#include "util/xp_error.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define XP_LORA_SHRINK_K 4   /* ranks per shrink task */
+#define XP_LORA_EXPAND_O 512 /* outputs per expand task */
+
+struct xp_runtime {
+    const xp_model *m;
+    xp_kv_cache *kv;
+    xp_pool *pool;
+    int threads, max_rows, max_ctx;
+    float **scratch;     /* per thread, for the linear kernels */
+    float **att_scratch; /* per thread, attention scores */
+    float **lora_tmp;    /* per thread: an expand run of outputs */
+    float *lora_t;       /* [max_rows, XP_MAX_LORA_RANK]: each row's shrunk input */
+    float *x, *h, *q, *k, *v, *att, *gate, *up, *out;
+};
+
+xp_pool *xp_runtime_pool(xp_runtime *rt)
+{
+    return rt->pool;
+}
+
+static float *xp_falloc(size_t n)
+{
+    return malloc((n ? n : 1) * sizeof(float));
+}
+
+xp_runtime *xp_runtime_create(const xp_model *m, xp_kv_cache *kv, int threads, int max_rows,
+                              int max_ctx)
+{
+    const xp_qwen3_config *g = &m->cfg;
+    xp_runtime *rt = calloc(1, sizeof *rt);
+    if (!rt) goto oom;
+    rt->m = m;
+    rt->kv = kv;
+    rt->max_rows = max_rows;
+    rt->max_ctx = max_ctx;
+    if (!(rt->pool = xp_pool_create(threads))) goto oom;
+    rt->threads = xp_pool_threads(rt->pool);
+    int64_t maxc = g->hidden_size;
+    if (g->intermediate_size > maxc) maxc = g->intermediate_size;
+    if ((int64_t)g->num_attention_heads * g->head_dim > maxc)
+        maxc = (int64_t)g->num_attention_heads * g->head_dim;
+    rt->scratch = calloc((size_t)rt->threads, sizeof *rt->scratch);
+    rt->att_scratch = calloc((size_t)rt->threads, sizeof *rt->att_scratch);
+    rt->lora_tmp = calloc((size_t)rt->threads, sizeof *rt->lora_tmp);
+    if (!rt->scratch || !rt->att_scratch || !rt->lora_tmp) goto oom;
+    for (int t = 0; t < rt->threads; t++) {
+        if (!(rt->lora_tmp[t] = xp_falloc(XP_LORA_EXPAND_O))) goto oom;
+        rt->scratch[t] = xp_falloc(xp_linear_scratch_floats(maxc));
+        /* attention: a KV group's scores and their sums */
+        int group = g->num_attention_heads / g->num_key_value_heads;
+        rt->att_scratch[t] = xp_falloc((size_t)group * ((size_t)max_ctx + 1));
+        if (!rt->scratch[t] || !rt->att_scratch[t]) goto oom;
+    }
+    size_t n = (size_t)max_rows, qd = (size_t)g->num_attention_heads * (size_t)g->head_dim,
+           kvd = (size_t)g->num_key_value_heads * (size_t)g->head_dim;
+    rt->lora_t = xp_falloc(n * XP_MAX_LORA_RANK);
+    rt->x = xp_falloc(n * (size_t)g->hidden_size);
+    rt->h = xp_falloc(n * (size_t)g->hidden_size);
+    rt->q = xp_falloc(n * qd);
+    rt->k = xp_falloc(n * kvd);
+    rt->v = xp_falloc(n * kvd);
+    rt->att = xp_falloc(n * qd);
+    rt->gate = xp_falloc(n * (size_t)g->intermediate_size);
+    rt->up = xp_falloc(n * (size_t)g->intermediate_size);
+
+    rt->out = xp_falloc(n * (size_t)(g->hidden_size > g->intermediate_size ? g->hidden_size
+                                                                           : g->intermediate_size));
+    if (!rt->lora_t || !rt->x || !rt->h || !rt->q || !rt->k || !rt->v || !rt->att || !rt->gate ||
+        !rt->up || !rt->out)
+        goto oom;
+    return rt;
+oom:
+    xp_fail("out of memory for the engine's working buffers");
+    xp_runtime_destroy(rt);
+    return NULL;
+}
+
+void xp_runtime_destroy(xp_runtime *rt)
+{
+    if (!rt) return;
+    for (int t = 0; t < rt->threads; t++) {
+        if (rt->scratch) free(rt->scratch[t]);
+        if (rt->att_scratch) free(rt->att_scratch[t]);
+    }
+    free(rt->scratch);
+    free(rt->att_scratch);
+    free(rt->lora_t);
+    free(rt->x);
+    free(rt->h);
+    free(rt->q);
+    free(rt->k);
+    free(rt->v);
+    free(rt->att);
+    free(rt->gate);
+    free(rt->up);
+    for (int t = 0; rt->lora_tmp && t < rt->threads; t++)
+        free(rt->lora_tmp[t]);
+    free(rt->lora_tmp);
+    free(rt->out);
+    xp_pool_destroy(rt->pool);
+    free(rt);
+}
+
+
+typedef struct {
+    xp_runtime *rt;
+    const xp_batch *b;
+    int layer;
+    xp_module mod;
+    const float *h;
+    float *out;
+    int in, od;
+    int shrink_tasks, expand_tasks; /* per row */
+} xp_lora_job;
+
+static const xp_lora_mat *xp_lora_row(const xp_lora_job *j, int row)
+{
+    const xp_row_group *g = j->b->groups;
+    while (row >= g->row0 + g->nrows)
+        g++;
+    return g->lora ? xp_lora_get(g->lora, j->layer, j->mod) : NULL;
+}
+
+/* t[row, k] = scale A_k . h_row, for a few k of one row. */
+static void xp_lora_shrink_task(void *ctx, int task, int thread)
+{
+    const xp_lora_job *j = ctx;
+    int row = task / j->shrink_tasks, k0 = task % j->shrink_tasks * XP_LORA_SHRINK_K;
+    const xp_lora_mat *lm = xp_lora_row(j, row);
+    if (!lm) return;
+    const float *hi = j->h + (size_t)row * j->in;
+    float *t = j->rt->lora_t + (size_t)row * XP_MAX_LORA_RANK;
+    for (int k = k0; k < lm->rank && k < k0 + XP_LORA_SHRINK_K; k++)
+        t[k] =
+            lm->scale * (lm->dtype == XP_BF16
+                             ? xp_dot_bf16((const uint16_t *)lm->A + (size_t)k * j->in, hi, j->in)
+                             : xp_dot((const float *)lm->A + (size_t)k * j->in, hi, j->in));
+}
+
+/* out[row, o] += sum_k t[row, k] Bt[k, o] for a run of outputs of one row: summed in k order and
+ * added once, so each output element sees the same operations whatever the batch and split. */
+static void xp_lora_expand_task(void *ctx, int task, int thread)
+{
+    const xp_lora_job *j = ctx;
+    int row = task / j->expand_tasks, o0 = task % j->expand_tasks * XP_LORA_EXPAND_O;
+    const xp_lora_mat *lm = xp_lora_row(j, row);
+    if (!lm) return;
+    int len = j->od - o0 < XP_LORA_EXPAND_O ? j->od - o0 : XP_LORA_EXPAND_O;
+    const float *t = j->rt->lora_t + (size_t)row * XP_MAX_LORA_RANK;
+    float *acc = j->rt->lora_tmp[thread], *oi = j->out + (size_t)row * j->od + o0;
+    memset(acc, 0, (size_t)len * sizeof *acc);
+    for (int k = 0; k < lm->rank; k++) {
+        size_t at = (size_t)k * j->od + o0;
+        if (lm->dtype == XP_BF16)
+            xp_axpy_bf16(t[k], (const uint16_t *)lm->Bt + at, acc, len);
+        else
+            xp_axpy(t[k], (const float *)lm->Bt + at, acc, len);
+    }
+    for (int o = 0; o < len; o++)
+        oi[o] += acc[o];
+}
+
+/* out[n, out_dim] = h W^T, plus each adapter's scale * (h A^T) B^T on its rows. */
+static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_module mod,
+                           const float *h, float *out)
+{
+    const xp_linear *l = &rt->m->layers[layer].lin[mod];
+    xp_linear_forward(rt->pool, rt->scratch, l, h, b->n, out);
+    int any = 0;
+    for (int gi = 0; gi < b->n_groups && !any; gi++)
+        any = b->groups[gi].lora && b->groups[gi].nrows &&
+              xp_lora_get(b->groups[gi].lora, layer, mod);
+    if (!any) return;
+    /* shrink then expand, each split finely enough that a single row keeps every thread busy */
+    int max_rank = 0;
+    for (int gi = 0; gi < b->n_groups; gi++)
+        if (b->groups[gi].lora && b->groups[gi].lora->max_rank > max_rank)
+            max_rank = b->groups[gi].lora->max_rank;
+    xp_lora_job j = {rt,
+                     b,
+                     layer,
+                     mod,
+                     h,
+                     out,
+                     (int)l->cols,
+                     (int)l->rows,
+                     (max_rank + XP_LORA_SHRINK_K - 1) / XP_LORA_SHRINK_K,
+                     ((int)l->rows + XP_LORA_EXPAND_O - 1) / XP_LORA_EXPAND_O};
+    xp_pool_run(rt->pool, b->n * j.shrink_tasks, xp_lora_shrink_task, &j);
+    xp_pool_run(rt->pool, b->n * j.expand_tasks, xp_lora_expand_task, &j);
+}
+
+typedef struct {
+    xp_runtime *rt;
+    const xp_batch *b;
+    int layer;
+} xp_att_job;
+
+/* One (row, KV head): softmax(q k^T / sqrt(d)) v over the row's positions 0..pos for each query
+ * head of the group, in one pass over the shared K and V rows (GQA: read once, not once per
+ * query head). Each head's numbers go through the same operations as it would alone. */
+static void xp_attention_task(void *ctx, int task, int thread)
+{
+    const xp_att_job *j = ctx;
+    xp_runtime *rt = j->rt;
+    const xp_qwen3_config *g = &rt->m->cfg;
+    int H = g->num_attention_heads, KV = g->num_key_value_heads, d = g->head_dim, group = H / KV;
+    int row = task / KV, kvh = task % KV, pos = j->b->pos[row], np = pos + 1;
+    const float *q = rt->q + ((size_t)row * H + (size_t)kvh * group) * d;
+    float *o = rt->att + ((size_t)row * H + (size_t)kvh * group) * d;
+    const int32_t *table = j->b->tables[row];
+    /* scratch: scores [group][np], then each head's 1/sum */
+    float *sc = rt->att_scratch[thread], *inv = sc + (size_t)group * np;
+    float scale = 1.0f / sqrtf((float)d);
+    for (int p = 0; p < np; p++) {
+        const float *k = xp_kv_k(rt->kv, table, j->layer, p) + (size_t)kvh * d;
+        for (int h = 0; h < group; h++)
+            sc[(size_t)h * np + p] = xp_dot(q + (size_t)h * d, k, d) * scale;
+    }
+    for (int h = 0; h < group; h++) {
+        float *s = sc + (size_t)h * np, mx = -INFINITY;
+        for (int p = 0; p < np; p++)
+            if (s[p] > mx) mx = s[p];
+        double sum = 0;
+        for (int p = 0; p < np; p++) {
+            s[p] = expf(s[p] - mx);
+            sum += s[p];
+        }
+        inv[h] = (float)(1.0 / sum);
+    }
+    memset(o, 0, (size_t)group * d * sizeof *o);
+    for (int p = 0; p < np; p++) {
+        const float *v = xp_kv_v(rt->kv, table, j->layer, p) + (size_t)kvh * d;
+        for (int h = 0; h < group; h++)
+            xp_axpy(sc[(size_t)h * np + p] * inv[h], v, o + (size_t)h * d, d);
+    }
+}
+
+static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
+{
+    const xp_qwen3_config *g = &rt->m->cfg;
+    const xp_layer *L = &rt->m->layers[layer];
+    int n = b->n, H = g->num_attention_heads, KV = g->num_key_value_heads, d = g->head_dim;
+    int hid = g->hidden_size;
+    float eps = (float)g->rms_norm_eps;
+    for (int i = 0; i < n; i++)
+        xp_rmsnorm(rt->x + (size_t)i * hid, L->attn_norm, hid, eps, rt->h + (size_t)i * hid);
+    xp_linear_lora(rt, b, layer, XP_MOD_Q, rt->h, rt->q);
+    xp_linear_lora(rt, b, layer, XP_MOD_K, rt->h, rt->k);
+    xp_linear_lora(rt, b, layer, XP_MOD_V, rt->h, rt->v);
+    for (int i = 0; i < n; i++) {
+        for (int hh = 0; hh < H; hh++) {
+            float *q = rt->q + ((size_t)i * H + hh) * d;
+            xp_rmsnorm(q, L->q_norm, d, eps, q);
+            xp_rope(q, d, b->pos[i], rt->m->inv_freq);
+        }
+        for (int hh = 0; hh < KV; hh++) {
+            float *k = rt->k + ((size_t)i * KV + hh) * d;
+            xp_rmsnorm(k, L->k_norm, d, eps, k);
+            xp_rope(k, d, b->pos[i], rt->m->inv_freq);
+        }
+        memcpy(xp_kv_k(rt->kv, b->tables[i], layer, b->pos[i]), rt->k + (size_t)i * KV * d,
+               (size_t)KV * d * sizeof(float));
+        memcpy(xp_kv_v(rt->kv, b->tables[i], layer, b->pos[i]), rt->v + (size_t)i * KV * d,
+               (size_t)KV * d * sizeof(float));
+    }
+    xp_att_job j = {rt, b, layer};
+    xp_pool_run(rt->pool, n * KV, xp_attention_task, &j);
+    xp_linear_lora(rt, b, layer, XP_MOD_O, rt->att, rt->out);
+    for (size_t i = 0; i < (size_t)n * hid; i++)
+        rt->x[i] += rt->out[i];
+}
+
+static void xp_mlp_block(xp_runtime *rt, const xp_batch *b, int layer)
+{
+    const xp_qwen3_config *g = &rt->m->cfg;
+    int n = b->n, hid = g->hidden_size, inter = g->intermediate_size;
+    for (int i = 0; i < n; i++)
+        xp_rmsnorm(rt->x + (size_t)i * hid, rt->m->layers[layer].mlp_norm, hid,
+                   (float)g->rms_norm_eps, rt->h + (size_t)i * hid);
+    xp_linear_lora(rt, b, layer, XP_MOD_GATE, rt->h, rt->gate);
+    xp_linear_lora(rt, b, layer, XP_MOD_UP, rt->h, rt->up);
+    for (size_t i = 0; i < (size_t)n * inter; i++) {
+        float a = rt->gate[i];
+        rt->gate[i] = a / (1.0f + expf(-a)) * rt->up[i]; /* SiLU(gate) * up */
+    }
+    xp_linear_lora(rt, b, layer, XP_MOD_DOWN, rt->gate, rt->out);
+    for (size_t i = 0; i < (size_t)n * hid; i++)
+        rt->x[i] += rt->out[i];
+}
+
+int xp_forward(xp_runtime *rt, const xp_batch *b)
+{
+    const xp_qwen3_config *g = &rt->m->cfg;
+    int hid = g->hidden_size;
+    if (b->n < 1 || b->n > rt->max_rows)
+        return xp_fail("batch of %d rows (1..%d supported)", b->n, rt->max_rows);
+    for (int i = 0; i < b->n; i++) {
+        if (b->tokens[i] < 0 || b->tokens[i] >= g->vocab_size)
+            return xp_fail("token id %d is outside the vocabulary (%d)", b->tokens[i],
+                           g->vocab_size);
+        if (b->pos[i] < 0 || b->pos[i] >= rt->max_ctx)
+            return xp_fail("position %d is outside the context (%d)", b->pos[i], rt->max_ctx);
+        xp_linear_row(&rt->m->embed, b->tokens[i], rt->x + (size_t)i * hid);
+    }
+    for (int l = 0; l < g->num_hidden_layers; l++) {
+        xp_attention_block(rt, b, l);
+        xp_mlp_block(rt, b, l);
+    }
+    for (int i = 0; i < b->n_out; i++)
+        xp_rmsnorm(rt->x + (size_t)b->out_rows[i] * hid, rt->m->final_norm, hid,
+                   (float)g->rms_norm_eps, rt->h + (size_t)i * hid);
+    xp_linear_forward(rt->pool, rt->scratch, &rt->m->lm_head, rt->h, b->n_out, b->logits);
+    return 0;
+}

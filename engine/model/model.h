@@ -1,0 +1,48 @@
+/* A Qwen3 model in memory: weights mapped from the checkpoint (FP8 codes and BF16 matrices are
+ * used where they lie; only small tensors — norms, scales — are converted to F32). */
+#ifndef XP_MODEL_H
+#define XP_MODEL_H
+
+#include "format/checkpoint.h"
+
+/* A weight matrix W [rows, cols] as the kernels read it: y = x W^T. */
+typedef struct {
+    xp_dtype dtype; /* XP_F8_E4M3, XP_BF16, XP_F16 or XP_F32 */
+    const void *w;  /* rows x cols elements, row-major */
+    float *scale;   /* FP8: block scales [ceil(rows/br), ceil(cols/bc)], F32 */
+    int64_t rows, cols;
+    int br, bc;
+    int64_t nbc;  /* scale blocks per row */
+    int fp8_fast; /* FP8 with every |scale| < 256: the SIMD decode may fold 2^120 into it
+                     (xp_linear_check_scales); 0 sends the weight through the reference */
+    void *owned;  /* an aligned copy when the mapping could not be used as it is */
+} xp_linear;
+
+typedef struct {
+    float *attn_norm, *mlp_norm, *q_norm, *k_norm;
+    xp_linear lin[XP_MOD_COUNT];
+} xp_layer;
+
+typedef struct {
+    xp_qwen3_config cfg;
+    xp_ckpt *ckpt;
+    xp_layer *layers;
+    float *final_norm;
+    xp_linear embed;   /* [vocab, hidden] */
+    xp_linear lm_head; /* the embeddings again when tied */
+    float *inv_freq;   /* RoPE: theta^(-2i/head_dim), head_dim/2 entries */
+} xp_model;
+
+/* Sets l->fp8_fast from the block scales. */
+void xp_linear_check_scales(xp_linear *l);
+
+int xp_model_load(const char *dir, xp_model **out);
+void xp_model_free(xp_model *m);
+
+/* Bytes of weights one decode step streams (every linear weight and its scales, plus lm_head). */
+uint64_t xp_model_step_bytes(const xp_model *m);
+
+/* Row r of a weight as F32 (for the embedding lookup and the reference kernels). */
+void xp_linear_row(const xp_linear *l, int64_t r, float *dst);
+
+#endif
