@@ -102,7 +102,7 @@ demo: deps $(XPREC)
 	scripts/demo.sh
 
 bench: $(XPREC)
-	scripts/bench.sh
+	bench/engine.sh
 
 format:
 	clang-format -i $(ENGINE_SRC) $(ADAPTERS_SRC) $(UNIT_SRC) $(wildcard engine/*.h engine/*/*.h adapters/*.h)

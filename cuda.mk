@@ -43,17 +43,17 @@ clean: cuda-clean
 cuda-clean:
 	rm -rf $(BUILD)/cuda $(BUILD)/gpu $(BUILD)/gpu-bundle $(BUILD)/obj/tests/gpu
 
-# backend_select.c is the one engine file that changes with CUDA; a stamp holding the setting
+# backend.c is the one engine file that changes with CUDA; a stamp holding the setting
 # rebuilds it (and so the library) whenever CUDA flips
 CUDA_STAMP := $(BUILD)/cuda.setting
 $(shell mkdir -p $(BUILD); [ "`cat $(CUDA_STAMP) 2>/dev/null`" = "$(CUDA)" ] || echo "$(CUDA)" >$(CUDA_STAMP))
-$(BUILD)/obj/engine/backend_select.o: $(CUDA_STAMP)
+$(BUILD)/obj/engine/backend.o: $(CUDA_STAMP)
 
 ifeq ($(CUDA),1)
 ifneq ($(HAVE_NVCC),1)
 $(error CUDA=1 but $(NVCC) was not found; set CUDA_HOME or NVCC)
 endif
-$(BUILD)/obj/engine/backend_select.o: CFLAGS += -DXP_HAVE_CUDA
+$(BUILD)/obj/engine/backend.o: CFLAGS += -DXP_HAVE_CUDA
 # the CUDA objects join the engine library; whatever links it links the CUDA libraries
 $(LIB): $(CUDA_OBJS)
 $(XPREC): LDLIBS += $(CUDA_LIBS)

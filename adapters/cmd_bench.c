@@ -3,8 +3,6 @@
  * measured in the same run. */
 #include "cli.h"
 #include "commands.h"
-#include "cpu/pool.h"
-#include "serve/kv_cache.h"
 #include "format/peft.h"
 #include "format/qwen3_config.h"
 #include "util/rng.h"
@@ -17,56 +15,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-#define XP_BW_BYTES (1u << 30)
-
-typedef struct {
-    const uint64_t *buf;
-    size_t n, per;
-    uint64_t sums[256];
-} xp_bw_job;
-
-/* 16-byte integer vectors in four independent sums: cheap enough that memory, not the adds, is
- * the limit (a chain of scalar float adds measured a third less than the kernels reach). */
-typedef uint64_t xp_bw_vec __attribute__((vector_size(16)));
-
-static void xp_bw_task(void *ctx, int task, int thread)
-{
-    xp_bw_job *j = ctx;
-    size_t b = (size_t)task * j->per, e = b + j->per < j->n ? b + j->per : j->n;
-    xp_bw_vec s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, v[4];
-    for (size_t i = b; i + 8 <= e; i += 8) {
-        memcpy(v, j->buf + i, sizeof v);
-        s0 += v[0];
-        s1 += v[1];
-        s2 += v[2];
-        s3 += v[3];
-    }
-    xp_bw_vec s = s0 + s1 + s2 + s3;
-    j->sums[task] = s[0] + s[1];
-}
-
-/* Read bandwidth in bytes/s: all threads summing a buffer far larger than the caches. */
-static double xp_measure_bandwidth(int threads)
-{
-    size_t n = XP_BW_BYTES / sizeof(uint64_t);
-    uint64_t *buf = malloc(n * sizeof *buf);
-    if (!buf) return 0;
-    for (size_t i = 0; i < n; i++) buf[i] = i;
-    xp_pool *p = xp_pool_create(threads);
-    int tasks = threads * 2 < 256 ? threads * 2 : 256;
-    xp_bw_job j = {buf, n, (n + (size_t)tasks - 1) / (size_t)tasks, {0}};
-    double best = 0;
-    for (int rep = 0; rep < 5; rep++) {
-        double t0 = xp_now();
-        xp_pool_run(p, tasks, xp_bw_task, &j);
-        double dt = xp_now() - t0;
-        if ((double)n * sizeof *buf / dt > best) best = (double)n * sizeof *buf / dt;
-    }
-    xp_pool_destroy(p);
-    free(buf);
-    return best;
-}
 
 static int xp_rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {
@@ -123,24 +71,14 @@ static double xp_rss_mb(void)
     return kb / 1024;
 }
 
-/* KV bytes of one block of this model. */
-static size_t xp_bench_block_bytes(const char *model)
-{
-    xp_qwen3_config cfg;
-    xp_quant_config q;
-    if (xp_qwen3_config_load(model, &cfg, &q) < 0) return 1;
-    xp_quant_config_free(&q);
-    return xp_kv_bytes_per_block(cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim);
-}
-
 static int xp_bench_run(const char *model, const char *adir, int batch, int k, int plen, int glen,
-                        int threads, const char *backend, xp_bench_result *res)
+                        int threads, const char *backend, size_t block_bytes, xp_bench_result *res)
 {
     /* a cache with room for every sequence's prompt and reply, so all run at once */
     xp_engine_opts o = {.threads = threads, .max_batch = batch, .max_adapters = k > 0 ? k : 1,
                         .prefill_chunk = batch * plen > 256 ? batch * plen : 256,
-                        .kv_bytes = xp_bench_block_bytes(model) * (size_t)batch *
-                                    (size_t)xp_kv_blocks_for(plen + glen),
+                        .kv_bytes = block_bytes * (size_t)batch *
+                                    (size_t)((plen + glen + 15) / 16),
                         .backend = backend};
     xp_engine *e = xp_engine_create(model, &o);
     if (!e) return -1;
@@ -150,7 +88,7 @@ static int xp_bench_run(const char *model, const char *adir, int batch, int k, i
     for (int a = 0; a < k; a++) {
         snprintf(name, sizeof name, "a%d", a);
         snprintf(path, sizeof path, "%s/a%d", adir, a);
-        if (xp_engine_add_adapter(e, name, path) < 0) goto out;
+        if (xp_engine_add_adapter(e, name, path, 0) < 0) goto out;
     }
     int32_t *toks = malloc((size_t)plen * sizeof *toks);
     uint64_t *ids = calloc((size_t)batch, sizeof *ids);
@@ -176,7 +114,8 @@ static int xp_bench_run(const char *model, const char *adir, int batch, int k, i
             goto free_out;
         }
         int i = (int)(ev.id - ids[0]);
-        if (i >= 0 && i < batch && !seen[i]++ && ++first == batch) t_first = xp_now();
+        if (ev.type == XP_EV_TOKEN && i >= 0 && i < batch && !seen[i]++ && ++first == batch)
+            t_first = xp_now();
         if (ev.type == XP_EV_ERROR) {
             xp_fail("%s", ev.error);
             xp_event_clear(&ev);
@@ -259,20 +198,23 @@ int xp_cmd_bench(int argc, char **argv)
         fprintf(stderr, "xprec bench: adapters: %s\n", xp_last_error());
         return 1;
     }
-    double bw = xp_measure_bandwidth(nt);
-    xp_engine_opts probe = {.threads = 1, .kv_bytes = xp_bench_block_bytes(model), .max_batch = 1,
-                            .backend = backend};
+    /* a small engine on the same backend: what a step streams, a KV block's size, and the read
+     * bandwidth of the memory the weights live in (host or device) */
+    xp_engine_opts probe = {.threads = nt, .kv_bytes = 64u << 20, .max_batch = 1, .backend = backend};
     xp_engine *pe = xp_engine_create(model, &probe);
     if (!pe) {
         fprintf(stderr, "xprec bench: %s\n", xp_last_error());
         return 1;
     }
     uint64_t step_bytes = xp_engine_step_bytes(pe);
-    const char *be_name = xp_engine_backend(pe);
+    size_t block_bytes = xp_engine_kv_block_bytes(pe);
+    char be_name[16];
+    snprintf(be_name, sizeof be_name, "%s", xp_engine_backend(pe));
+    double bw = xp_engine_read_bandwidth(pe);
     xp_engine_destroy(pe);
     printf("model %s, backend %s, %d threads, prompt %ld, generate %ld tokens\n", model, be_name,
            nt, plen, glen);
-    printf("memory read bandwidth (measured): %.2f GB/s; weights streamed per decode step: %.1f MB\n",
+    printf("memory read bandwidth (%s, measured): %.2f GB/s; weights streamed per decode step: %.1f MB\n", be_name,
            bw / 1e9, (double)step_bytes / 1e6);
     printf("%-6s %-16s %14s %14s %12s %16s %10s %9s\n", "batch", "adapters", "prefill tok/s",
            "decode tok/s", "step ms", "weights GB/s", "of peak", "RSS MB");
@@ -287,7 +229,7 @@ int xp_cmd_bench(int argc, char **argv)
         for (int with = 0; with <= (k > 0) && rc == 0; with++) {
             xp_bench_result r;
             if (xp_bench_run(model, adir, b, with ? (int)k : 0, (int)plen, (int)glen, nt, backend,
-                             &r) < 0) {
+                             block_bytes, &r) < 0) {
                 fprintf(stderr, "xprec bench: %s\n", xp_last_error());
                 rc = 1;
                 break;

@@ -12,7 +12,7 @@
 #include "cli.h"
 #include "commands.h"
 #include "fidelity_prompts.h"
-#include "cpu/forward.h"
+#include "runner.h"
 #include "serve/sampler.h"
 #include "util/fsutil.h"
 #include "tokenizer/tokenizer.h"
@@ -34,80 +34,42 @@
 
 typedef struct {
     xp_model *m;
-    xp_kv_cache kv;
-    xp_runtime *rt;
-    int32_t *table, *pos, *rows;
-    const int32_t **tables;
-    float *logits;
+    xp_runner *r;
     int vocab;
 } xp_fid_model;
 
-static int xp_fid_open(xp_fid_model *f, const char *dir, int ctx, int threads)
+static int xp_fid_open(xp_fid_model *f, const char *dir, int ctx, int threads, const char *backend)
 {
     memset(f, 0, sizeof *f);
     if (xp_model_load(dir, &f->m) < 0) return -1;
-    const xp_qwen3_config *g = &f->m->cfg;
-    int kvd = g->num_key_value_heads * g->head_dim, nb = xp_kv_blocks_for(ctx);
-    f->vocab = g->vocab_size;
-    if (xp_kv_init(&f->kv, g->num_hidden_layers, kvd,
-                   (size_t)nb * xp_kv_bytes_per_block(g->num_hidden_layers, kvd)) < 0 ||
-        !(f->rt = xp_runtime_create(f->m, &f->kv, threads, XP_FID_CHUNK, nb * XP_KV_BLOCK)))
-        return -1;
-    f->table = malloc((size_t)nb * sizeof *f->table);
-    f->pos = malloc(XP_FID_CHUNK * sizeof *f->pos);
-    f->rows = malloc(XP_FID_CHUNK * sizeof *f->rows);
-    f->tables = malloc(XP_FID_CHUNK * sizeof *f->tables);
-    f->logits = malloc((size_t)XP_FID_CHUNK * (size_t)f->vocab * sizeof *f->logits);
-    if (!f->table || !f->pos || !f->rows || !f->tables || !f->logits)
-        return xp_fail("out of memory");
-    xp_kv_alloc(&f->kv, nb, f->table);
+    f->vocab = f->m->cfg.vocab_size;
+    if (!(f->r = xp_runner_create(f->m, backend, threads, ctx, XP_FID_CHUNK))) return -1;
     return 0;
 }
 
 static void xp_fid_close(xp_fid_model *f)
 {
-    xp_runtime_destroy(f->rt);
-    xp_kv_free(&f->kv);
+    xp_runner_destroy(f->r);
     xp_model_free(f->m);
-    free(f->table);
-    free(f->pos);
-    free(f->rows);
-    free(f->tables);
-    free(f->logits);
     memset(f, 0, sizeof *f);
 }
 
 /* Runs toks[0..n) from position start (the cache holds 0..start-1) and copies the logits of
  * positions >= first_out into out ((n - max(first_out, start)) x vocab). */
-static int xp_fid_run(xp_fid_model *f, const xp_lora_weights *lw, const int32_t *toks, int start,
-                      int n, int first_out, float *out)
+static int xp_fid_run(xp_fid_model *f, const int32_t *toks, int start, int n, int first_out,
+                      float *out)
 {
-    for (int c0 = start; c0 < n; c0 += XP_FID_CHUNK) {
-        int c = n - c0 < XP_FID_CHUNK ? n - c0 : XP_FID_CHUNK, nout = 0;
-        for (int i = 0; i < c; i++) {
-            f->pos[i] = c0 + i;
-            f->tables[i] = f->table;
-            if (c0 + i >= first_out) f->rows[nout++] = i;
-        }
-        xp_row_group g = {0, c, lw};
-        xp_batch b = {c, toks + c0, f->pos, f->tables, 1, &g, nout, f->rows, f->logits};
-        if (xp_forward(f->rt, &b) < 0) return -1;
-        if (nout) {
-            memcpy(out, f->logits, (size_t)nout * (size_t)f->vocab * sizeof *out);
-            out += (size_t)nout * (size_t)f->vocab;
-        }
-    }
-    return 0;
+    return xp_runner_run(f->r, toks, start, n, first_out, out);
 }
 
 /* N greedy tokens after the prompt into cont (cont needs room for them). */
-static int xp_fid_greedy(xp_fid_model *f, const xp_lora_weights *lw, int32_t *toks, int np, int N,
+static int xp_fid_greedy(xp_fid_model *f, int32_t *toks, int np, int N,
                          float *scratch)
 {
-    if (xp_fid_run(f, lw, toks, 0, np, np - 1, scratch) < 0) return -1;
+    if (xp_fid_run(f, toks, 0, np, np - 1, scratch) < 0) return -1;
     for (int k = 0; k < N; k++) {
         toks[np + k] = xp_argmax(scratch, f->vocab);
-        if (k + 1 < N && xp_fid_run(f, lw, toks, np + k, np + k + 1, np + k, scratch) < 0) return -1;
+        if (k + 1 < N && xp_fid_run(f, toks, np + k, np + k + 1, np + k, scratch) < 0) return -1;
     }
     return 0;
 }
@@ -159,7 +121,7 @@ static int xp_run_cmd(int (*cmd)(int, char **), int argc, char **argv)
 }
 
 typedef struct {
-    const char *base, *quant, *tuned, *cache, *svd;
+    const char *base, *quant, *tuned, *cache, *svd, *backend;
     int ranks[XP_FID_MAX_RANKS], nranks, tokens, threads;
 } xp_fid_args;
 
@@ -228,6 +190,7 @@ static int xp_fid_eval(const xp_fid_args *a, xp_fid_model *f, const xp_lora_weig
                        const xp_fid_gold *g, xp_fid_row *row, float *scratch)
 {
     int N = a->tokens, V = f->vocab, total = g->n * N, top1 = 0, match = 0;
+    if (xp_runner_set_adapter(f->r, lw) < 0) return -1;
     double *kls = malloc((size_t)total * sizeof *kls), sum = 0;
     int32_t *gen = malloc(((size_t)g->np[0] + 4096) * sizeof *gen);
     if (!kls || !gen) {
@@ -238,7 +201,7 @@ static int xp_fid_eval(const xp_fid_args *a, xp_fid_model *f, const xp_lora_weig
     int rc = 0;
     for (int p = 0; p < g->n && rc == 0; p++) {
         int np = g->np[p];
-        if (xp_fid_run(f, lw, g->toks[p], 0, np + N - 1, np - 1, scratch) < 0) {
+        if (xp_fid_run(f, g->toks[p], 0, np + N - 1, np - 1, scratch) < 0) {
             rc = -1;
             break;
         }
@@ -256,7 +219,7 @@ static int xp_fid_eval(const xp_fid_args *a, xp_fid_model *f, const xp_lora_weig
         }
         gen = t;
         memcpy(gen, g->toks[p], (size_t)np * sizeof *gen);
-        if (xp_fid_greedy(f, lw, gen, np, N, scratch) < 0) {
+        if (xp_fid_greedy(f, gen, np, N, scratch) < 0) {
             rc = -1;
             break;
         }
@@ -311,7 +274,7 @@ static void xp_fid_usage(FILE *fp)
             "usage: xprec fidelity --base DIR --quantized DIR --tuned DIR [--prompts FILE]\n"
             "                      [--ranks 16,64,256] [--tokens N] [--out report.json]\n"
             "                      [--plot FILE.png] [--cache DIR] [--svd auto|exact|randomized]\n"
-            "                      [--threads N]\n\n"
+            "                      [--threads N] [--backend cpu|cuda|auto]\n\n"
             "Compares each way of serving the BF16 fine-tune --tuned on the FP8 base against\n"
             "the fine-tune itself: Method A (adapter from tuned - base, on FP8), B (adapter\n"
             "from tuned - dequant(FP8), on FP8), C (tuned quantized to FP8), and controls.\n"
@@ -357,6 +320,7 @@ int xp_cmd_fidelity(int argc, char **argv)
         {"out", required_argument, 0, 'o'},    {"plot", required_argument, 0, 'P'},
         {"cache", required_argument, 0, 'c'},  {"svd", required_argument, 0, 's'},
         {"threads", required_argument, 0, 'j'}, {"help", no_argument, 0, 'h'},
+        {"backend", required_argument, 0, 'B'},
         {0, 0, 0, 0}};
     xp_fid_args a = {.cache = "fidelity-cache", .svd = "auto", .tokens = 16};
     const char *prompts = NULL, *out = NULL, *plot = NULL;
@@ -383,6 +347,7 @@ int xp_cmd_fidelity(int argc, char **argv)
             if (xp_arg_long("fidelity", "--threads", optarg, 1, 1024, &v) < 0) return 2;
             a.threads = (int)v;
             break;
+        case 'B': a.backend = optarg; break;
         case 'h': xp_fid_usage(stdout); return 0;
         default: xp_fid_usage(stderr); return 2;
         }
@@ -432,14 +397,14 @@ int xp_cmd_fidelity(int argc, char **argv)
     }
     /* gold: the fine-tune's greedy continuation and its log-probs along it */
     fprintf(stderr, "fidelity: gold continuations from %s\n", a.tuned);
-    if (xp_fid_open(&f, a.tuned, maxlen, a.threads) < 0) goto fail;
+    if (xp_fid_open(&f, a.tuned, maxlen, a.threads, a.backend) < 0) goto fail;
     int V = f.vocab;
     if (!(scratch = malloc((size_t)(a.tokens > XP_FID_CHUNK ? a.tokens : XP_FID_CHUNK) * (size_t)V * sizeof *scratch)))
         goto oom;
     for (int p = 0; p < ntexts; p++) {
         int np = g.np[p];
-        if (xp_fid_greedy(&f, NULL, g.toks[p], np, a.tokens, scratch) < 0 ||
-            xp_fid_run(&f, NULL, g.toks[p], 0, np + a.tokens - 1, np - 1, scratch) < 0)
+        if (xp_fid_greedy(&f, g.toks[p], np, a.tokens, scratch) < 0 ||
+            xp_fid_run(&f, g.toks[p], 0, np + a.tokens - 1, np - 1, scratch) < 0)
             goto fail;
         if (!(g.gold[p] = malloc((size_t)a.tokens * (size_t)V * sizeof(float)))) goto oom;
         for (int k = 0; k < a.tokens; k++) xp_log_softmax(scratch + (size_t)k * V, V);
@@ -460,7 +425,7 @@ int xp_cmd_fidelity(int argc, char **argv)
     xp_progress_begin(&pr, "fidelity", (size_t)nrows, 0);
     int done = 0;
     for (int mi = 0; models[mi]; mi++) {
-        if (xp_fid_open(&f, models[mi], maxlen, a.threads) < 0) goto fail;
+        if (xp_fid_open(&f, models[mi], maxlen, a.threads, a.backend) < 0) goto fail;
         uint64_t mbytes = xp_dir_tensor_bytes(models[mi], "model");
         for (int r = 0; r < nrows; r++) {
             if (rows[r].model != models[mi]) continue;

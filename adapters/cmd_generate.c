@@ -136,7 +136,7 @@ int xp_cmd_generate(int argc, char **argv)
     for (int i = 0; i < nad; i++) {
         char *eq = strchr(adapters[i], '=');
         *eq = '\0';
-        if (xp_engine_add_adapter(e, adapters[i], eq + 1) < 0) goto fail;
+        if (xp_engine_add_adapter(e, adapters[i], eq + 1, 0) < 0) goto fail;
     }
     xp_request r = {.adapter = use, .messages = msgs, .n_messages = nmsgs, .prompt = prompt,
                     .temperature = (float)temp, .top_p = (float)top_p, .top_k = (int)top_k,

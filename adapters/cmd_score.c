@@ -1,10 +1,9 @@
 /* xprec score: logits of every position of one sequence as a float32 .npy [positions, vocab],
  * the hook for parity checks against other implementations. */
-#include "backend.h"
 #include "cli.h"
 #include "commands.h"
-#include "cpu/forward.h"
 #include "npy.h"
+#include "runner.h"
 #include "tokenizer/tokenizer.h"
 #include "util/xp_error.h"
 
@@ -45,15 +44,11 @@ static int xp_parse_ids(const char *s, int32_t **ids, size_t *n)
 static int xp_score(const char *model_dir, const char *adapter, const int32_t *ids, size_t n,
                     const char *out, int threads, const char *backend)
 {
-    const xp_backend *be = &xp_backend_cpu;
     xp_model *m = NULL;
     xp_lora_weights lw = {0};
-    xp_kv_cache kv = {0};
-    void *rt = NULL;
+    xp_runner *r = NULL;
     float *logits = NULL;
     FILE *fp = NULL;
-    int32_t *table = NULL, *pos = NULL, *rows = NULL;
-    const int32_t **tables = NULL;
     int rc = -1;
     if (xp_model_load(model_dir, &m) < 0) goto done;
     if ((int64_t)n > m->cfg.max_position_embeddings) {
@@ -61,59 +56,26 @@ static int xp_score(const char *model_dir, const char *adapter, const int32_t *i
         goto done;
     }
     if (adapter && xp_lora_load(adapter, &m->cfg, &lw) < 0) goto done;
-    int kvd = m->cfg.num_key_value_heads * m->cfg.head_dim, nb = xp_kv_blocks_for((int64_t)n);
-    if (xp_kv_init(&kv, m->cfg.num_hidden_layers, kvd,
-                   (size_t)nb * xp_kv_bytes_per_block(m->cfg.num_hidden_layers, kvd)) < 0)
-        goto done;
     int chunk = n < XP_SCORE_CHUNK ? (int)n : XP_SCORE_CHUNK;
-    if (backend && strcmp(backend, "cpu") != 0) {
-        if (strcmp(backend, "cuda") != 0 && strcmp(backend, "auto") != 0) {
-            xp_fail("unknown backend \"%s\" (cpu, cuda or auto)", backend);
-            goto done;
-        }
-        be = xp_backend_cuda();
-        if (!be && strcmp(backend, "cuda") == 0) {
-            xp_fail("this build has no CUDA backend (build with make CUDA=1)");
-            goto done;
-        }
-        if (be && !(rt = be->create(m, &kv, threads, chunk, (int)n)) && strcmp(backend, "cuda") == 0)
-            goto done;
-        if (!rt) be = &xp_backend_cpu; /* auto: no usable GPU */
-    }
-    if (!rt && !(rt = be->create(m, &kv, threads, chunk, (int)n))) goto done;
-    table = malloc((size_t)nb * sizeof *table);
-    pos = malloc((size_t)chunk * sizeof *pos);
-    rows = malloc((size_t)chunk * sizeof *rows);
-    tables = malloc((size_t)chunk * sizeof *tables);
-    logits = malloc((size_t)chunk * (size_t)m->cfg.vocab_size * sizeof *logits);
-    if (!table || !pos || !rows || !tables || !logits || xp_kv_alloc(&kv, nb, table) < 0) {
+    if (!(r = xp_runner_create(m, backend, threads, (int)n, chunk)) ||
+        xp_runner_set_adapter(r, adapter ? &lw : NULL) < 0)
+        goto done;
+    if (!(logits = malloc((size_t)chunk * (size_t)m->cfg.vocab_size * sizeof *logits))) {
         xp_fail("out of memory");
         goto done;
     }
     if (!(fp = xp_npy_create(out, (int64_t)n, m->cfg.vocab_size))) goto done;
     for (size_t start = 0; start < n; start += (size_t)chunk) {
-        int c = (int)(n - start < (size_t)chunk ? n - start : (size_t)chunk);
-        for (int i = 0; i < c; i++) {
-            pos[i] = (int32_t)(start + (size_t)i);
-            rows[i] = i;
-            tables[i] = table;
-        }
-        xp_row_group g = {0, c, adapter ? &lw : NULL};
-        xp_batch b = {c, ids + start, pos, tables, 1, &g, c, rows, logits};
-        if (be->forward(rt, &b) < 0 ||
-            xp_npy_append(fp, logits, (size_t)c * (size_t)m->cfg.vocab_size) < 0)
+        size_t end = n - start < (size_t)chunk ? n : start + (size_t)chunk;
+        if (xp_runner_run(r, ids, (int)start, (int)end, (int)start, logits) < 0 ||
+            xp_npy_append(fp, logits, (end - start) * (size_t)m->cfg.vocab_size) < 0)
             goto done;
     }
     rc = 0;
 done:
     if (fp && fclose(fp) != 0 && rc == 0) rc = xp_fail("%s: write failed", out);
-    free(table);
-    free(pos);
-    free(rows);
-    free(tables);
     free(logits);
-    if (rt) be->destroy(rt);
-    xp_kv_free(&kv);
+    xp_runner_destroy(r);
     xp_lora_free(&lw);
     xp_model_free(m);
     return rc;

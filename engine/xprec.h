@@ -1,12 +1,15 @@
 /* libxprec's public interface: one engine holds one base model and many LoRA adapters, and runs
  * requests for any mix of them in continuous batches on its own thread.
  *
+ * Nothing here blocks for long: submit copies the request and returns (tokenizing and the chat
+ * template run on the engine's intake thread), adapters load from disk on a loader thread, and
+ * every outcome arrives as an event on the caller's queue, whose eventfd can sit in any poll
+ * loop (nginx's included).
+ *
  * Thread safety: every function may be called from any thread, except that one queue should be
  * popped by one thread at a time. */
 #ifndef XPREC_H
 #define XPREC_H
-
-#include "tokenizer/chat.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -15,28 +18,53 @@ typedef struct xp_engine xp_engine;
 typedef struct xp_queue xp_queue;
 
 typedef struct {
-    int threads;        /* compute threads; 0 = all cores */
-    size_t kv_bytes;    /* KV cache capacity; 0 = 256 MiB */
-    int max_batch;      /* sequences per step; 0 = 32 */
-    int max_adapters;   /* adapters resident at once; 0 = 8 */
-    int prefill_chunk;  /* token rows per step; 0 = 256 */
+    int threads;         /* compute threads; 0 = all cores */
+    size_t kv_bytes;     /* KV cache capacity; 0 = 256 MiB */
+    int max_batch;       /* sequences per step; 0 = 32 */
+    int max_adapters;    /* adapters resident at once; 0 = 8 */
+    int prefill_chunk;   /* token rows per step; 0 = 256 */
     const char *backend; /* "cpu" (default), "cuda", or "auto" (CUDA when built in and a GPU
-                            is present, else CPU) */
+                            is present, else CPU); NULL: $XPREC_BACKEND, else "cpu" */
 } xp_engine_opts;
 
-typedef enum { XP_EV_TOKEN, XP_EV_DONE, XP_EV_ERROR } xp_event_type;
+#define XP_MAX_TOP_LOGPROBS 20
+
+typedef enum {
+    XP_EV_TOKEN,  /* a generated token and the text it completes */
+    XP_EV_DONE,   /* the request (or an adapter load) ended well */
+    XP_EV_ERROR,  /* it could not run, or failed: error says why */
+    XP_EV_PROMPT, /* the prompt is tokenized: prompt_tokens and prompt_ids */
+    XP_EV_PROMPT_LOGPROBS, /* with prompt_logprobs, once the prompt has run: prompt_logprobs */
+} xp_event_type;
 typedef enum { XP_FINISH_STOP = 1, XP_FINISH_LENGTH, XP_FINISH_CANCELLED } xp_finish;
 
 typedef struct {
-    uint64_t id;        /* the request */
+    int32_t token;
+    float logprob;
+} xp_token_logprob;
+
+/* The log-probability of one chosen token under the model's raw distribution (before
+ * temperature, top-k and top-p), and the n_top most likely tokens there. */
+typedef struct {
+    xp_token_logprob chosen;
+    int n_top;
+    xp_token_logprob top[XP_MAX_TOP_LOGPROBS];
+} xp_logprobs;
+
+typedef struct {
+    uint64_t id; /* the request */
     xp_event_type type;
-    int32_t token;      /* TOKEN: the generated id */
-    char *text;         /* TOKEN and DONE: text completed by this event (never half a UTF-8
-                           character; may be empty while a possible stop string is held back) */
+    int32_t token; /* TOKEN: the generated id */
+    char *text;    /* TOKEN and DONE: text completed by this event (never half a UTF-8
+                      character; may be empty while a possible stop string is held back) */
     size_t text_len;
-    xp_finish finish;   /* DONE */
-    int prompt_tokens, completion_tokens; /* DONE */
-    char *error;        /* ERROR */
+    xp_logprobs *logprobs; /* TOKEN, when the request asked for logprobs */
+    xp_finish finish;      /* DONE */
+    int prompt_tokens, completion_tokens; /* DONE, PROMPT and PROMPT_LOGPROBS */
+    int32_t *prompt_ids;          /* PROMPT: the prompt's token ids */
+    xp_logprobs *prompt_logprobs; /* PROMPT_LOGPROBS: [prompt_tokens]; the first position has
+                                     none (chosen.logprob 0, n_top 0) */
+    char *error;                     /* ERROR */
 } xp_event;
 
 /* A queue of events with an eventfd that is readable while events wait, for poll/epoll/nginx. */
@@ -50,48 +78,88 @@ int xp_queue_wait(xp_queue *q, xp_event *ev, int timeout_ms);
 void xp_event_clear(xp_event *ev);
 
 typedef struct {
-    const char *adapter;          /* registered adapter name, or NULL for the base */
-    const xp_chat_msg *messages;  /* one of: chat messages, */
+    const char *role; /* "system", "user", "assistant" or "tool" */
+    const char *content;
+} xp_chat_msg;
+
+typedef struct {
+    const char *adapter;         /* registered adapter name, or NULL for the base */
+    const xp_chat_msg *messages; /* one of: chat messages (Qwen3 ChatML), */
     size_t n_messages;
     int enable_thinking;
-    const char *prompt;           /* raw prompt text (special tokens allowed), */
-    const int32_t *tokens;        /* or token ids */
+    const char *prompt;    /* raw prompt text (special tokens allowed), */
+    size_t prompt_len;     /* its length (0: strlen) */
+    const int32_t *tokens; /* or token ids */
     size_t n_tokens;
-    float temperature;            /* <= 0: greedy */
-    float top_p;                  /* 0 or >= 1: off */
-    int top_k;                    /* <= 0: off */
+    float temperature;     /* <= 0: greedy */
+    float top_p;           /* 0 or >= 1: off */
+    int top_k;             /* <= 0: off */
     uint64_t seed;
-    int max_tokens;               /* <= 0: up to the context */
-    const char *const *stop;      /* stop strings, not included in the output */
+    int max_tokens;          /* <= 0: up to the context */
+    const char *const *stop; /* stop strings, not included in the output */
     size_t n_stop;
-    const int32_t *stop_ids;      /* extra stop token ids (the model's end tokens always stop) */
+    const int32_t *stop_ids; /* extra stop token ids (the model's end tokens always stop) */
     size_t n_stop_ids;
+    int logprobs;        /* 1: each TOKEN event carries its logprob and top_logprobs others */
+    int top_logprobs;    /* 0..XP_MAX_TOP_LOGPROBS */
+    int prompt_logprobs; /* 1: a PROMPT_LOGPROBS event, before the first token, carries the
+                            prompt's logprobs (and top_logprobs others at each position) */
+    int hold;            /* 1: after the PROMPT event the request waits for xp_engine_start
+                            (a caller that must admit it knowing its size, e.g. a quota) */
 } xp_request;
 
 typedef struct {
     uint64_t steps, prompt_tokens, generated_tokens, requests_done;
     uint64_t preemptions; /* running requests sent back to wait for KV blocks, recomputed later */
-    int running, waiting;
+    int running, waiting, intake; /* intake: submitted, not yet tokenized */
     int kv_blocks_total, kv_blocks_free;
     int adapters_registered, adapters_resident;
-    uint64_t adapter_hits, adapter_misses, adapter_evictions;
+    uint64_t adapter_hits, adapter_misses, adapter_evictions, adapter_loads;
     double adapter_load_seconds;
 } xp_engine_stats;
 
-/* Loads the model (and its tokenizer) and starts the step thread. NULL + xp_last_error(). */
+/* Where an adapter's weights are. */
+typedef enum { XP_TIER_DISK, XP_TIER_LOADING, XP_TIER_RESIDENT } xp_adapter_tier;
+
+typedef struct {
+    char name[128];
+    xp_adapter_tier tier;
+    int pinned;  /* never evicted */
+    int running; /* sequences using it now */
+    int rank;    /* largest rank of its modules */
+    uint64_t hits, misses, loads, evictions;
+    double load_seconds;
+    double idle_seconds; /* since it was last used (or registered) */
+} xp_adapter_info;
+
+/* Loads the model (and its tokenizer) and starts the engine's threads. NULL + xp_last_error(). */
 xp_engine *xp_engine_create(const char *model_dir, const xp_engine_opts *opts);
-/* Cancels everything in flight, stops the thread, frees all. */
+/* Cancels everything in flight, stops the threads, frees all. */
 void xp_engine_destroy(xp_engine *e);
 
-/* Validates an adapter (format, shapes against the base, rank) and registers it; it is loaded
- * into memory now if a slot is free, otherwise on first use. */
-int xp_engine_add_adapter(xp_engine *e, const char *name, const char *dir);
-/* Unregisters; requests already running keep it until they finish. */
-int xp_engine_remove_adapter(xp_engine *e, const char *name);
+#define XP_ADAPTER_PINNED 1u /* loaded now and never evicted */
 
-/* Queues a request; events go to q. Returns its id (> 0), or 0 with xp_last_error() for a request
- * that can never run (unknown adapter, prompt longer than the context, bad parameters). */
+/* Validates an adapter (format, shapes against the base, rank) on the calling thread and
+ * registers it; it is loaded into memory now if a slot is free (a pinned one always: it may
+ * evict an idle unpinned adapter), otherwise on first use. */
+int xp_engine_add_adapter(xp_engine *e, const char *name, const char *dir, unsigned flags);
+/* The same on the loader thread: returns a ticket id (> 0) at once, and later a DONE or an
+ * ERROR event with that id on q. 0 + xp_last_error() for a name that is taken. */
+uint64_t xp_engine_add_adapter_async(xp_engine *e, const char *name, const char *dir,
+                                     unsigned flags, xp_queue *q);
+/* Unregisters; requests already running keep it until they finish, then its memory is freed. */
+int xp_engine_remove_adapter(xp_engine *e, const char *name);
+/* Up to max adapters' info into out; returns how many are registered. */
+int xp_engine_adapters(xp_engine *e, xp_adapter_info *out, int max);
+
+/* Queues a request and returns its id (> 0) at once; events go to q. 0 with xp_last_error()
+ * only for what can be told without tokenizing: no queue, an unknown adapter, sampling
+ * parameters out of range, more or less than one of messages/prompt/tokens, an empty stop
+ * string. Anything else that keeps it from running (an empty prompt or one longer than the
+ * context, an id outside the vocabulary) comes back as an ERROR event. */
 uint64_t xp_engine_submit(xp_engine *e, const xp_request *r, xp_queue *q);
+/* Lets a request submitted with hold run; 0, or -1 if it is not held. */
+int xp_engine_start(xp_engine *e, uint64_t id);
 /* Finishes the request at the next step boundary with XP_FINISH_CANCELLED; 0, or -1 if unknown. */
 int xp_engine_cancel(xp_engine *e, uint64_t id);
 
@@ -100,7 +168,11 @@ void xp_engine_stats_get(xp_engine *e, xp_engine_stats *s);
 const char *xp_engine_backend(const xp_engine *e);
 /* Context length in positions. */
 int xp_engine_context(const xp_engine *e);
+/* Bytes one KV block (of 16 positions) takes in the backend's storage. */
+size_t xp_engine_kv_block_bytes(const xp_engine *e);
 /* Bytes of weights one decode step streams (for bandwidth figures). */
 uint64_t xp_engine_step_bytes(const xp_engine *e);
+/* Read bandwidth, bytes/s, of the memory the backend keeps the weights in (measured now). */
+double xp_engine_read_bandwidth(xp_engine *e);
 
 #endif

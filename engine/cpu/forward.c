@@ -6,20 +6,27 @@
  *   logits = rmsnorm(x) lm_head^T, for the rows asked for. */
 #include "cpu/forward.h"
 #include "cpu/kernels.h"
+#include "cpu/kv_store.h"
 #include "cpu/ops.h"
+#include "cpu/pool.h"
 #include "util/xp_error.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #define XP_LORA_SHRINK_K 4   /* ranks per shrink task */
 #define XP_LORA_EXPAND_O 512 /* outputs per expand task */
 
 struct xp_runtime {
     const xp_model *m;
-    xp_kv_cache *kv;
+    xp_kv_store kv;
     xp_pool *pool;
+    int n_slots;
+    const xp_lora_weights **slots; /* [n_slots]: what each adapter slot holds */
+    uint32_t *slot_gen;
     int threads, max_rows, max_ctx;
     float **scratch;     /* per thread, for the linear kernels */
     float **att_scratch; /* per thread, attention scores */
@@ -28,26 +35,42 @@ struct xp_runtime {
     float *x, *h, *q, *k, *v, *att, *gate, *up, *out;
 };
 
-xp_pool *xp_runtime_pool(xp_runtime *rt)
-{
-    return rt->pool;
-}
-
 static float *xp_falloc(size_t n)
 {
     return malloc((n ? n : 1) * sizeof(float));
 }
 
-xp_runtime *xp_runtime_create(const xp_model *m, xp_kv_cache *kv, int threads, int max_rows,
-                              int max_ctx)
+xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *kv_blocks)
 {
     const xp_qwen3_config *g = &m->cfg;
+    int max_rows = o->max_rows, max_ctx = o->max_ctx;
+    int kv_width = g->num_key_value_heads * g->head_dim;
+    size_t per = xp_kv_store_block_bytes(g->num_hidden_layers, kv_width);
+    int64_t nb = o->kv_blocks > 0 ? o->kv_blocks : (int64_t)(o->kv_bytes / per);
+    if (nb > 1 << 24) nb = 1 << 24;
+    if (nb < 1) {
+        xp_fail("KV cache of %zu bytes holds no block (one block of %d positions needs %zu)",
+                o->kv_bytes, XP_KV_BLOCK, per);
+        return NULL;
+    }
     xp_runtime *rt = calloc(1, sizeof *rt);
     if (!rt) goto oom;
     rt->m = m;
-    rt->kv = kv;
     rt->max_rows = max_rows;
     rt->max_ctx = max_ctx;
+    if (xp_kv_store_init(&rt->kv, g->num_hidden_layers, kv_width, (int)nb) < 0) {
+        xp_runtime_destroy(rt);
+        return NULL;
+    }
+    rt->n_slots = o->adapter_slots > 0 ? o->adapter_slots : 1;
+    rt->slots = calloc((size_t)rt->n_slots, sizeof *rt->slots);
+    rt->slot_gen = calloc((size_t)rt->n_slots, sizeof *rt->slot_gen);
+    if (!rt->slots || !rt->slot_gen) goto oom;
+    int threads = o->threads;
+    if (threads <= 0) {
+        long c = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = c < 1 ? 1 : (int)c;
+    }
     if (!(rt->pool = xp_pool_create(threads))) goto oom;
     rt->threads = xp_pool_threads(rt->pool);
     int64_t maxc = g->hidden_size;
@@ -83,6 +106,7 @@ xp_runtime *xp_runtime_create(const xp_model *m, xp_kv_cache *kv, int threads, i
     if (!rt->lora_t || !rt->x || !rt->h || !rt->q || !rt->k || !rt->v || !rt->att || !rt->gate ||
         !rt->up || !rt->out)
         goto oom;
+    *kv_blocks = rt->kv.n_blocks;
     return rt;
 oom:
     xp_fail("out of memory for the engine's working buffers");
@@ -112,8 +136,23 @@ void xp_runtime_destroy(xp_runtime *rt)
         free(rt->lora_tmp[t]);
     free(rt->lora_tmp);
     free(rt->out);
+    free(rt->slots);
+    free(rt->slot_gen);
+    xp_kv_store_free(&rt->kv);
     xp_pool_destroy(rt->pool);
     free(rt);
+}
+
+int xp_runtime_adapter_load(xp_runtime *rt, int slot, uint32_t gen, const xp_lora_weights *w)
+{
+    if (slot < 0 || slot >= rt->n_slots)
+        return xp_fail("adapter slot %d is outside 0..%d", slot, rt->n_slots - 1);
+    if (w->n_layers != rt->m->cfg.num_hidden_layers)
+        return xp_fail("adapter has %d layers, the model %d", w->n_layers,
+                       rt->m->cfg.num_hidden_layers);
+    rt->slots[slot] = w; /* the host weights are used where they lie */
+    rt->slot_gen[slot] = gen;
+    return 0;
 }
 
 
@@ -133,7 +172,7 @@ static const xp_lora_mat *xp_lora_row(const xp_lora_job *j, int row)
     const xp_row_group *g = j->b->groups;
     while (row >= g->row0 + g->nrows)
         g++;
-    return g->lora ? xp_lora_get(g->lora, j->layer, j->mod) : NULL;
+    return g->slot >= 0 ? xp_lora_get(j->rt->slots[g->slot], j->layer, j->mod) : NULL;
 }
 
 /* t[row, k] = scale A_k . h_row, for a few k of one row. */
@@ -183,14 +222,14 @@ static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_modu
     xp_linear_forward(rt->pool, rt->scratch, l, h, b->n, out);
     int any = 0;
     for (int gi = 0; gi < b->n_groups && !any; gi++)
-        any = b->groups[gi].lora && b->groups[gi].nrows &&
-              xp_lora_get(b->groups[gi].lora, layer, mod);
+        any = b->groups[gi].slot >= 0 && b->groups[gi].nrows &&
+              xp_lora_get(rt->slots[b->groups[gi].slot], layer, mod);
     if (!any) return;
     /* shrink then expand, each split finely enough that a single row keeps every thread busy */
     int max_rank = 0;
     for (int gi = 0; gi < b->n_groups; gi++)
-        if (b->groups[gi].lora && b->groups[gi].lora->max_rank > max_rank)
-            max_rank = b->groups[gi].lora->max_rank;
+        if (b->groups[gi].slot >= 0 && rt->slots[b->groups[gi].slot]->max_rank > max_rank)
+            max_rank = rt->slots[b->groups[gi].slot]->max_rank;
     xp_lora_job j = {rt,
                      b,
                      layer,
@@ -228,7 +267,7 @@ static void xp_attention_task(void *ctx, int task, int thread)
     float *sc = rt->att_scratch[thread], *inv = sc + (size_t)group * np;
     float scale = 1.0f / sqrtf((float)d);
     for (int p = 0; p < np; p++) {
-        const float *k = xp_kv_k(rt->kv, table, j->layer, p) + (size_t)kvh * d;
+        const float *k = xp_kv_k(&rt->kv, table, j->layer, p) + (size_t)kvh * d;
         for (int h = 0; h < group; h++)
             sc[(size_t)h * np + p] = xp_dot(q + (size_t)h * d, k, d) * scale;
     }
@@ -245,7 +284,7 @@ static void xp_attention_task(void *ctx, int task, int thread)
     }
     memset(o, 0, (size_t)group * d * sizeof *o);
     for (int p = 0; p < np; p++) {
-        const float *v = xp_kv_v(rt->kv, table, j->layer, p) + (size_t)kvh * d;
+        const float *v = xp_kv_v(&rt->kv, table, j->layer, p) + (size_t)kvh * d;
         for (int h = 0; h < group; h++)
             xp_axpy(sc[(size_t)h * np + p] * inv[h], v, o + (size_t)h * d, d);
     }
@@ -274,9 +313,9 @@ static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
             xp_rmsnorm(k, L->k_norm, d, eps, k);
             xp_rope(k, d, b->pos[i], rt->m->inv_freq);
         }
-        memcpy(xp_kv_k(rt->kv, b->tables[i], layer, b->pos[i]), rt->k + (size_t)i * KV * d,
+        memcpy(xp_kv_k(&rt->kv, b->tables[i], layer, b->pos[i]), rt->k + (size_t)i * KV * d,
                (size_t)KV * d * sizeof(float));
-        memcpy(xp_kv_v(rt->kv, b->tables[i], layer, b->pos[i]), rt->v + (size_t)i * KV * d,
+        memcpy(xp_kv_v(&rt->kv, b->tables[i], layer, b->pos[i]), rt->v + (size_t)i * KV * d,
                (size_t)KV * d * sizeof(float));
     }
     xp_att_job j = {rt, b, layer};
@@ -310,6 +349,12 @@ int xp_forward(xp_runtime *rt, const xp_batch *b)
     int hid = g->hidden_size;
     if (b->n < 1 || b->n > rt->max_rows)
         return xp_fail("batch of %d rows (1..%d supported)", b->n, rt->max_rows);
+    for (int i = 0; i < b->n_groups; i++) {
+        const xp_row_group *rg = &b->groups[i];
+        if (rg->slot >= rt->n_slots || (rg->slot >= 0 && (!rt->slots[rg->slot] ||
+                                                          rt->slot_gen[rg->slot] != rg->gen)))
+            return xp_fail("adapter slot %d generation %u is not loaded", rg->slot, rg->gen);
+    }
     for (int i = 0; i < b->n; i++) {
         if (b->tokens[i] < 0 || b->tokens[i] >= g->vocab_size)
             return xp_fail("token id %d is outside the vocabulary (%d)", b->tokens[i],
@@ -327,4 +372,66 @@ int xp_forward(xp_runtime *rt, const xp_batch *b)
                    (float)g->rms_norm_eps, rt->h + (size_t)i * hid);
     xp_linear_forward(rt->pool, rt->scratch, &rt->m->lm_head, rt->h, b->n_out, b->logits);
     return 0;
+}
+
+/* ---------------------------------------------------------------- memory bandwidth */
+
+typedef struct {
+    const uint64_t *buf;
+    size_t n, per;
+    uint64_t sums[256];
+} xp_bw_job;
+
+/* 16-byte integer vectors in four independent sums: cheap enough that memory, not the adds, is
+ * the limit (a chain of scalar float adds measured a third less than the kernels reach). */
+typedef uint64_t xp_bw_vec __attribute__((vector_size(16)));
+
+static void xp_bw_task(void *ctx, int task, int thread)
+{
+    xp_bw_job *j = ctx;
+    size_t b = (size_t)task * j->per, e = b + j->per < j->n ? b + j->per : j->n;
+    xp_bw_vec s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, v[4];
+    for (size_t i = b; i + 8 <= e; i += 8) {
+        memcpy(v, j->buf + i, sizeof v);
+        s0 += v[0];
+        s1 += v[1];
+        s2 += v[2];
+        s3 += v[3];
+    }
+    xp_bw_vec s = s0 + s1 + s2 + s3;
+    j->sums[task] = s[0] + s[1];
+}
+
+static double xp_mono_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* As many threads as the runtime's summing a buffer far larger than the caches, best of five;
+ * on a pool of its own, so it may run while the engine's thread uses the runtime's. */
+double xp_runtime_read_bandwidth(xp_runtime *rt)
+{
+    size_t n = ((size_t)1 << 30) / sizeof(uint64_t);
+    uint64_t *buf = malloc(n * sizeof *buf);
+    xp_pool *pool = buf ? xp_pool_create(rt->threads) : NULL;
+    if (!pool) {
+        free(buf);
+        return 0;
+    }
+    for (size_t i = 0; i < n; i++)
+        buf[i] = i;
+    int tasks = rt->threads * 2 < 256 ? rt->threads * 2 : 256;
+    xp_bw_job j = {buf, n, (n + (size_t)tasks - 1) / (size_t)tasks, {0}};
+    double best = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        double t0 = xp_mono_now();
+        xp_pool_run(pool, tasks, xp_bw_task, &j);
+        double dt = xp_mono_now() - t0;
+        if ((double)n * sizeof *buf / dt > best) best = (double)n * sizeof *buf / dt;
+    }
+    xp_pool_destroy(pool);
+    free(buf);
+    return best;
 }

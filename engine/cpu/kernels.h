@@ -8,10 +8,9 @@
 
 #include <stddef.h>
 
-/* 1 when the AVX2 kernels are in use (processor support, and XPREC_NO_AVX2 unset). */
+/* 1 when the AVX2 (or wider) kernels are in use: processor support, and XPREC_SIMD not set to
+ * scalar. */
 int xp_cpu_have_avx2(void);
-/* "avx512", "avx2" or "scalar": the kernels in use. */
-const char *xp_cpu_simd_name(void);
 /* Forces the scalar kernels (tests) or restores automatic choice. */
 void xp_cpu_force_scalar(int on);
 

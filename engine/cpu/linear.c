@@ -49,7 +49,7 @@ static int xp_cpu_level(void)
                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
         const char *cap = getenv("XPREC_SIMD");
         xp_simd_level = avx512 ? 2 : avx2;
-        if (getenv("XPREC_NO_AVX2") || (cap && strcmp(cap, "scalar") == 0)) xp_simd_level = 0;
+        if (cap && strcmp(cap, "scalar") == 0) xp_simd_level = 0;
         if (cap && strcmp(cap, "avx2") == 0 && xp_simd_level > 1) xp_simd_level = 1;
     }
     return xp_forced_scalar ? 0 : xp_simd_level;
@@ -64,12 +64,6 @@ static const xp_simd *xp_simd_get(void)
 int xp_cpu_have_avx2(void)
 {
     return xp_cpu_level() >= 1;
-}
-
-const char *xp_cpu_simd_name(void)
-{
-    static const char *const names[] = {"scalar", "avx2", "avx512"};
-    return names[xp_cpu_level()];
 }
 
 void xp_cpu_force_scalar(int on)

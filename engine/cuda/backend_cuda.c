@@ -10,8 +10,9 @@
  * scales, or BF16 after dequantizing the weight — and the tiled F32 kernel when the library
  * declines a shape. XPREC_CUDA_GEMM=fp8|bf16|simt picks the prefill path (default fp8).
  *
- * Adapters are converted to BF16 in device slots on first sight, uploaded through pinned chunks
- * on their own stream; the compute stream waits on an event only when a batch needs them.
+ * Adapters live in the engine's numbered slots: adapter_load converts one to BF16 in its device
+ * slot, uploaded through pinned chunks on its own stream; the compute stream waits on the
+ * slot's event only when a batch needs it. A batch names slots with the generation it expects.
  * Batches of up to XPREC_CUDA_GRAPH_ROWS rows replay a CUDA graph captured per shape. */
 #include "backend.h"
 #include "format/dtype.h"
@@ -45,8 +46,7 @@ typedef struct {
 } xpc_layer;
 
 typedef struct {
-    const xp_lora_weights *key;
-    uint64_t print;      /* tells a reused address from the adapter that was there */
+    uint32_t gen;        /* what the engine loaded last; valid while table is set */
     void *mem;           /* BF16 A and B of every module */
     xpc_lora_mat *table; /* device [n_layers * 7] */
     cudaEvent_t ready;
@@ -63,7 +63,7 @@ typedef struct {
     int max_rows, rows_pad, max_ctx, max_bps; /* max_bps: blocks per sequence */
     int n_layers, kv_dim;
     cudaStream_t s, up;
-    pthread_mutex_t mu; /* forward and forget_adapter may come from different threads */
+    pthread_mutex_t mu; /* the bandwidth probe may come from another thread than forward */
 
     void **allocs; /* every device allocation made at create, freed at destroy */
     int n_allocs, cap_allocs;
@@ -82,8 +82,8 @@ typedef struct {
     float *logits_h;
     size_t logits_h_rows;
 
-    xpc_slot *slots;
-    int n_slots, cap_slots;
+    xpc_slot *slots; /* [n_slots], the engine's adapter slots */
+    int n_slots;
     float *up_pin[2], *up_dev[2];
     cudaEvent_t up_done[2];
     int up_next;
@@ -201,8 +201,23 @@ static size_t xpc_align(size_t v)
     return (v + 255) & ~(size_t)255;
 }
 
-static void *xpc_create(const xp_model *m, xp_kv_cache *kv, int threads, int max_rows, int max_ctx)
+static size_t xpc_kv_block_bytes(const xp_model *m)
 {
+    return 2 * (size_t)m->cfg.num_hidden_layers * XP_KV_BLOCK *
+           (size_t)(m->cfg.num_key_value_heads * m->cfg.head_dim) * sizeof(float);
+}
+
+static void *xpc_create(const xp_model *m, const xp_backend_opts *o, int *kv_blocks)
+{
+    int max_rows = o->max_rows, max_ctx = o->max_ctx;
+    size_t per = xpc_kv_block_bytes(m);
+    int64_t n_blocks = o->kv_blocks > 0 ? o->kv_blocks : (int64_t)(o->kv_bytes / per);
+    if (n_blocks > 1 << 24) n_blocks = 1 << 24;
+    if (n_blocks < 1) {
+        xp_fail("KV cache of %zu bytes holds no block (one block of %d positions needs %zu)",
+                o->kv_bytes, XP_KV_BLOCK, per);
+        return NULL;
+    }
     int ndev = 0;
     cudaError_t e = cudaGetDeviceCount(&ndev);
     if (e != cudaSuccess || ndev == 0) {
@@ -235,6 +250,12 @@ static void *xpc_create(const xp_model *m, xp_kv_cache *kv, int threads, int max
         return NULL;
     }
     pthread_mutex_init(&c->mu, NULL);
+    c->n_slots = o->adapter_slots > 0 ? o->adapter_slots : 1;
+    if (!(c->slots = calloc((size_t)c->n_slots, sizeof *c->slots))) {
+        free(c);
+        xp_fail("out of memory");
+        return NULL;
+    }
     c->dev = dev;
     c->m = m;
     c->max_rows = max_rows;
@@ -301,8 +322,8 @@ static void *xpc_create(const xp_model *m, xp_kv_cache *kv, int threads, int max
         !(c->inv_freq = xpc_upload(c, m->inv_freq, hd / 2 * 4, "rope")))
         goto fail;
 
-    /* KV storage under the host cache's block ids */
-    size_t kvb = (size_t)kv->n_blocks * (size_t)c->n_layers * XP_KV_BLOCK * (size_t)c->kv_dim * 4;
+    /* KV storage under the engine's block ids */
+    size_t kvb = (size_t)n_blocks * per / 2;
     if (!(c->kc = xpc_alloc(c, kvb, "the KV cache")) ||
         !(c->vc = xpc_alloc(c, kvb, "the KV cache")))
         goto fail;
@@ -373,7 +394,7 @@ static void *xpc_create(const xp_model *m, xp_kv_cache *kv, int threads, int max
                                            : "fp8",
                 c->mode == XPC_MODE_FP8 && !c->fp8_lt ? " (unavailable: bf16)" : "", c->gemv_rows,
                 c->use_graphs ? "on" : "off");
-    (void)threads;
+    *kv_blocks = (int)n_blocks;
     return c;
 fail:
     xpc_destroy(c);
@@ -509,89 +530,38 @@ done:
     return rc;
 }
 
-/* A fingerprint of an adapter's contents: the engine may free an adapter and load another at
- * the same address, so the pointer alone does not name it. */
-static uint64_t xpc_fingerprint(const xp_lora_weights *w)
+/* Puts w into slot under generation gen, replacing what the slot held. */
+static int xpc_adapter_load(void *ctx, int slot, uint32_t gen, const xp_lora_weights *w)
 {
-    uint64_t h = 1469598103934665603ull;
-#define XPC_MIX(v) (h = (h ^ (uint64_t)(v)) * 1099511628211ull)
-    XPC_MIX((uintptr_t)w->mods);
-    XPC_MIX(w->bytes);
-    for (int i = 0; i < w->n_layers * XP_MOD_COUNT; i++) {
-        const xp_lora_mat *m = &w->mods[i];
-        XPC_MIX(m->rank);
-        if (!m->rank) continue;
-        uint32_t u[3];
-        memcpy(&u[0], m->A, 4);
-        memcpy(&u[1], m->Bt, 4);
-        memcpy(&u[2], &m->scale, 4);
-        XPC_MIX(u[0]);
-        XPC_MIX(u[1]);
-        XPC_MIX(u[2]);
+    xpc_ctx *c = ctx;
+    if (slot < 0 || slot >= c->n_slots)
+        return xp_fail("adapter slot %d is outside 0..%d", slot, c->n_slots - 1);
+    if (w->n_layers != c->n_layers)
+        return xp_fail("adapter has %d layers, the model %d", w->n_layers, c->n_layers);
+    pthread_mutex_lock(&c->mu);
+    int rc = -1;
+    cudaError_t e = cudaSetDevice(c->dev);
+    if (e != cudaSuccess) {
+        xpc_cuda_fail("set device", e);
+        goto done;
     }
-#undef XPC_MIX
-    return h;
-}
-
-/* The device slot of w, uploading it on first sight. Called with mu held. */
-static xpc_slot *xpc_slot_get(xpc_ctx *c, const xp_lora_weights *w)
-{
-    uint64_t print = xpc_fingerprint(w);
-    for (int i = 0; i < c->n_slots; i++) {
-        xpc_slot *s = &c->slots[i];
-        if (s->key == w && s->print == print) return s;
-    }
-    /* a slot under the same address but other contents is a freed adapter's: drop it */
-    for (int i = 0; i < c->n_slots; i++)
-        if (c->slots[i].key == w) {
-            cudaStreamSynchronize(c->s);
-            cudaStreamSynchronize(c->up);
-            xpc_slot_free(&c->slots[i]);
-            c->slots[i] = c->slots[--c->n_slots];
-            break;
-        }
-    if (w->n_layers != c->n_layers) {
-        xp_fail("adapter has %d layers, the model %d", w->n_layers, c->n_layers);
-        return NULL;
-    }
-    if (c->n_slots == c->cap_slots) {
-        int cap = c->cap_slots ? 2 * c->cap_slots : 8;
-        xpc_slot *s = realloc(c->slots, (size_t)cap * sizeof *s);
-        if (!s) {
-            xp_fail("out of memory");
-            return NULL;
-        }
-        c->slots = s;
-        c->cap_slots = cap;
-    }
-    xpc_slot *s = &c->slots[c->n_slots];
+    xpc_slot *s = &c->slots[slot];
+    /* nothing of a finished forward is in flight; the slot's last upload may be */
+    cudaStreamSynchronize(c->up);
+    cudaStreamSynchronize(c->s);
+    xpc_slot_free(s);
     memset(s, 0, sizeof *s);
-    s->key = w;
-    s->print = print;
     if (xpc_slot_upload(c, w, s) < 0) {
         cudaStreamSynchronize(c->up);
         xpc_slot_free(s);
-        return NULL;
+        memset(s, 0, sizeof *s);
+        goto done;
     }
-    c->n_slots++;
-    return s;
-}
-
-static void xpc_forget(void *ctx, const xp_lora_weights *w)
-{
-    xpc_ctx *c = ctx;
-    pthread_mutex_lock(&c->mu);
-    cudaSetDevice(c->dev);
-    for (int i = 0; i < c->n_slots; i++)
-        if (c->slots[i].key == w) {
-            /* nothing of a finished forward is in flight; uploads may be */
-            cudaStreamSynchronize(c->up);
-            cudaStreamSynchronize(c->s);
-            xpc_slot_free(&c->slots[i]);
-            c->slots[i] = c->slots[--c->n_slots];
-            break;
-        }
+    s->gen = gen;
+    rc = 0;
+done:
     pthread_mutex_unlock(&c->mu);
+    return rc;
 }
 
 /* ------------------------------------------------------------------ forward */
@@ -732,9 +702,10 @@ static int xpc_stage(xpc_ctx *c, const xp_batch *b)
     for (int i = 0; i < b->n_groups; i++) {
         const xp_row_group *rg = &b->groups[i];
         g[i] = (xpc_lora_group){rg->row0, rg->nrows, NULL};
-        if (!rg->lora || rg->nrows == 0) continue;
-        xpc_slot *s = xpc_slot_get(c, rg->lora);
-        if (!s) return -1;
+        if (rg->slot < 0 || rg->nrows == 0) continue;
+        xpc_slot *s = rg->slot < c->n_slots ? &c->slots[rg->slot] : NULL;
+        if (!s || !s->table || s->gen != rg->gen)
+            return xp_fail("adapter slot %d generation %u is not loaded", rg->slot, rg->gen);
         XPC_TRY(cudaStreamWaitEvent(c->s, s->ready, 0), "adapter wait");
         g[i].mats = s->table;
         c->any_lora = 1;
@@ -830,7 +801,43 @@ static int xpc_forward(void *ctx, const xp_batch *b)
     return rc;
 }
 
-static const xp_backend xpc_backend = {"cuda", xpc_create, xpc_destroy, xpc_forward, xpc_forget};
+/* Device-to-device copies of 1 GiB, best of five: bytes read and written per second, the
+ * traffic a weight-streaming kernel competes with. */
+static double xpc_read_bandwidth(void *ctx)
+{
+    xpc_ctx *c = ctx;
+    size_t n = (size_t)1 << 30;
+    void *a = NULL, *b = NULL;
+    cudaEvent_t t0 = NULL, t1 = NULL;
+    double best = 0;
+    pthread_mutex_lock(&c->mu);
+    if (cudaSetDevice(c->dev) == cudaSuccess && cudaMalloc(&a, n) == cudaSuccess &&
+        cudaMalloc(&b, n) == cudaSuccess && cudaEventCreate(&t0) == cudaSuccess &&
+        cudaEventCreate(&t1) == cudaSuccess) {
+        cudaMemsetAsync(a, 1, n, c->s);
+        for (int rep = 0; rep < 5; rep++) {
+            float ms = 0;
+            cudaEventRecord(t0, c->s);
+            cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, c->s);
+            cudaEventRecord(t1, c->s);
+            if (cudaEventSynchronize(t1) == cudaSuccess &&
+                cudaEventElapsedTime(&ms, t0, t1) == cudaSuccess && ms > 0 &&
+                2.0 * (double)n / (ms / 1e3) > best)
+                best = 2.0 * (double)n / (ms / 1e3);
+        }
+    }
+    cudaGetLastError();
+    if (t0) cudaEventDestroy(t0);
+    if (t1) cudaEventDestroy(t1);
+    cudaFree(a);
+    cudaFree(b);
+    pthread_mutex_unlock(&c->mu);
+    return best;
+}
+
+static const xp_backend xpc_backend = {"cuda",      xpc_kv_block_bytes, xpc_create,
+                                       xpc_destroy, xpc_adapter_load,   xpc_forward,
+                                       xpc_read_bandwidth};
 
 const xp_backend *xp_backend_cuda_impl(void);
 

@@ -1,5 +1,5 @@
 /* Event queues: a locked list plus an eventfd that stays readable while the list is non-empty. */
-#include "xprec.h"
+#include "serve/queue.h"
 #include "util/xp_error.h"
 
 #include <errno.h>
@@ -59,7 +59,6 @@ int xp_queue_fd(const xp_queue *q)
     return q->fd;
 }
 
-/* Takes ownership of ev's strings. */
 int xp_queue_push(xp_queue *q, xp_event *ev)
 {
     xp_qnode *n = malloc(sizeof *n);
@@ -134,5 +133,8 @@ void xp_event_clear(xp_event *ev)
 {
     free(ev->text);
     free(ev->error);
+    free(ev->logprobs);
+    free(ev->prompt_ids);
+    free(ev->prompt_logprobs);
     memset(ev, 0, sizeof *ev);
 }

@@ -5,12 +5,9 @@
 #ifndef XP_CHAT_H
 #define XP_CHAT_H
 
-#include <stddef.h>
+#include "xprec.h" /* xp_chat_msg */
 
-typedef struct {
-    const char *role; /* "system", "user", "assistant" or "tool" */
-    const char *content;
-} xp_chat_msg;
+#include <stddef.h>
 
 /* The prompt as a malloc'd string, to encode with special tokens allowed; NULL + error for an
  * unknown role (the template would silently drop the message). */

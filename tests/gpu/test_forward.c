@@ -3,7 +3,8 @@
  *   - a prefill of several sequences in one batch (block boundaries crossed), logits of every row;
  *   - greedy decoding, one row per sequence, the tokens each backend would pick must agree;
  *   - a mixed batch: decode rows and a prefill chunk, base rows and three random adapters of
- *     ranks 1, 64 and 256 plus an empty group, then again after forget_adapter (re-upload);
+ *     ranks 1, 64 and 256 plus an empty group, then again after reloading the slots under new
+ *     generations (re-upload);
  *   - the same decode batch twice (the second replays a captured CUDA graph): identical logits.
  * Logits must agree within XP_GPU_TOL (default 1e-2) of the largest |logit| of the batch.
  * usage: test_forward MODEL_DIR [LABEL] */
@@ -19,25 +20,34 @@ static const char *label = "";
 typedef struct {
     const xp_backend *be;
     void *rt;
-    xp_kv_cache kv;
 } side;
 
 static int side_open(side *s, const xp_backend *be, const xp_model *m, int max_rows, int max_ctx,
                      int n_blocks)
 {
-    int kvd = m->cfg.num_key_value_heads * m->cfg.head_dim;
+    xp_backend_opts o = {.max_rows = max_rows, .max_ctx = max_ctx, .adapter_slots = 3,
+                         .kv_blocks = n_blocks};
+    int got = 0;
     s->be = be;
-    if (xp_kv_init(&s->kv, m->cfg.num_hidden_layers, kvd,
-                   (size_t)n_blocks * xp_kv_bytes_per_block(m->cfg.num_hidden_layers, kvd)) < 0)
-        return -1;
-    s->rt = be->create(m, &s->kv, 0, max_rows, max_ctx);
+    s->rt = be->create(m, &o, &got);
     return s->rt ? 0 : -1;
 }
 
 static void side_close(side *s)
 {
     if (s->rt) s->be->destroy(s->rt);
-    xp_kv_free(&s->kv);
+}
+
+/* Both backends get the three adapters in slots 0..2 under generation gen. */
+static int load_adapters(side *cpu, side *gpu, const xp_lora_weights *ad, uint32_t gen)
+{
+    for (int a = 0; a < 3; a++)
+        if (cpu->be->adapter_load(cpu->rt, a, gen, &ad[a]) < 0 ||
+            gpu->be->adapter_load(gpu->rt, a, gen, &ad[a]) < 0) {
+            gpu_check_true("adapter load", 0, xp_last_error());
+            return -1;
+        }
+    return 0;
 }
 
 static int argmax(const float *v, int n)
@@ -151,7 +161,7 @@ int main(int argc, char **argv)
         }
     for (int s = 0; s < 3; s++)
         len[s] = plen[s];
-    xp_row_group g0 = {0, n, NULL};
+    xp_row_group g0 = {0, n, -1, 0};
     xp_batch b = {n, tok, pos, tabs, 1, &g0, n, outr, NULL};
     both(&cpu, &gpu, &b, lc, lg, vocab, "prefill 3 sequences, 90 rows, all logits");
 
@@ -172,7 +182,7 @@ int main(int argc, char **argv)
             tabs[s] = tables[s];
             outr[s] = s;
         }
-        xp_row_group gd = {0, 3, NULL};
+        xp_row_group gd = {0, 3, -1, 0};
         xp_batch db = {3, tok, pos, tabs, 1, &gd, 3, outr, NULL};
         char what[64];
         snprintf(what, sizeof what, "decode step %d (3 rows, GEMV)", st);
@@ -197,6 +207,8 @@ int main(int argc, char **argv)
     make_adapter(&m->cfg, 64, 2, &ad[1]);
     make_adapter(&m->cfg, 256, 3, &ad[2]);
     for (int round = 0; round < 2; round++) {
+        uint32_t gen = (uint32_t)round + 1;
+        if (load_adapters(&cpu, &gpu, ad, gen) < 0) break;
         n = 0;
         for (int s = 0; s < 3; s++, n++) {
             tok[n] = (int32_t)(xp_rng_u64(&rng) % (uint64_t)vocab);
@@ -209,15 +221,12 @@ int main(int argc, char **argv)
             tabs[n] = tables[3];
         }
         xp_row_group gs[5] = {
-            {0, 1, NULL}, {1, 0, &ad[0]}, {1, 1, &ad[0]}, {2, 1, &ad[1]}, {3, 20, &ad[2]}};
+            {0, 1, -1, 0}, {1, 0, 0, gen}, {1, 1, 0, gen}, {2, 1, 1, gen}, {3, 20, 2, gen}};
         int32_t orows[4] = {0, 1, 2, 22};
         xp_batch mb = {n, tok, pos, tabs, 5, gs, 4, orows, NULL};
         both(&cpu, &gpu, &mb, lc, lg, vocab,
-             round ? "mixed batch, adapters re-uploaded after forget"
+             round ? "mixed batch, adapters re-uploaded under a new generation"
                    : "mixed batch: base + ranks 1/64/256 + empty group");
-        if (cuda->forget_adapter)
-            for (int a = 0; a < 3; a++)
-                cuda->forget_adapter(gpu.rt, &ad[a]);
     }
 
     /* 4. graph replay: the same 3-row decode batch (positions rewritten, same shape) twice */
@@ -229,7 +238,7 @@ int main(int argc, char **argv)
             tabs[s] = tables[s];
             outr[s] = s;
         }
-        xp_row_group gd = {0, 3, NULL};
+        xp_row_group gd = {0, 3, -1, 0};
         xp_batch db = {3, tok, pos, tabs, 1, &gd, 3, outr, lg};
         if (gpu.be->forward(gpu.rt, &db) < 0) {
             gpu_check_true("graph replay", 0, xp_last_error());
@@ -251,7 +260,7 @@ int main(int argc, char **argv)
                 pos[i] = len[3]++;
                 tabs[i] = tables[3];
             }
-            xp_row_group gl = {0, c, NULL};
+            xp_row_group gl = {0, c, -1, 0};
             int32_t last_row = c - 1;
             xp_batch lb = {c, tok, pos, tabs, 1, &gl, 1, &last_row, NULL};
             if (both(&cpu, &gpu, &lb, lc, lg, vocab, "long context prefill chunk") < 0) break;
@@ -261,7 +270,7 @@ int main(int argc, char **argv)
             pos[0] = len[3]++;
             tabs[0] = tables[3];
             outr[0] = 0;
-            xp_row_group gl = {0, 1, NULL};
+            xp_row_group gl = {0, 1, -1, 0};
             xp_batch lb = {1, tok, pos, tabs, 1, &gl, 1, outr, NULL};
             char what[64];
             snprintf(what, sizeof what, "long context decode at position %d", pos[0]);

@@ -3,14 +3,15 @@
  * 1..13 input rows, LoRA ranks 1..256 with one and many adapters, empty and base-only groups,
  * paged attention across block boundaries with shuffled block ids.
  *
- * The CPU twins are engine/cpu/linear.c's scalar references and, for the pieces forward.c keeps
- * static (rmsnorm, RoPE, attention, LoRA), line-for-line copies of them below. */
+ * The CPU twins are engine/cpu/linear.c's scalar references and cpu/ops.c's rmsnorm and RoPE;
+ * attention over the paged cache and the grouped LoRA shrink/expand, which cpu/forward.c runs
+ * as pool tasks, are written out below as plain loops of the same math. */
 #include "cpu/ops.h"
 #include "cpu/kernels.h"
 #include "format/dtype.h"
 #include "format/fp8.h"
 #include "cuda/gemm_lt.h"
-#include "serve/kv_cache.h"
+#include "cpu/kv_store.h"
 #include "util/rng.h"
 #include "util/xp_error.h"
 #include "cuda/xpc_kernels.h"
@@ -256,17 +257,18 @@ static void test_rmsnorm(int n, int dim)
 static void test_attention(int H, int KV, int d, int len, int len2, int nsplit)
 {
     int L = 2, layer = 1, n = len + len2, kvd = KV * d;
-    xp_kv_cache kv;
-    size_t bpb = xp_kv_bytes_per_block(L, kvd);
-    int nb1 = xp_kv_blocks_for(len), nb2 = xp_kv_blocks_for(len2);
-    if (xp_kv_init(&kv, L, kvd, bpb * (size_t)(nb1 + nb2 + 3)) < 0) {
+    xp_kv_store kv;
+    int nb1 = xp_kv_blocks_for(len), nb2 = xp_kv_blocks_for(len2), nall = nb1 + nb2 + 3;
+    if (xp_kv_store_init(&kv, L, kvd, nall) < 0) {
         gpu_check_true("attention kv init", 0, xp_last_error());
         return;
     }
-    int32_t t1[256], t2[256], junk[3];
-    xp_kv_alloc(&kv, 2, junk); /* so ids are not 0.. in order */
-    xp_kv_alloc(&kv, nb2, t2);
-    xp_kv_alloc(&kv, nb1, t1);
+    /* block ids from the top down, two skipped, so neither sequence has 0.. in order */
+    int32_t t1[256], t2[256];
+    for (int i = 0; i < nb2; i++)
+        t2[i] = nall - 3 - i;
+    for (int i = 0; i < nb1; i++)
+        t1[i] = nall - 3 - nb2 - i;
     int32_t *pos = malloc(sizeof(int32_t) * (size_t)n), *toff = malloc(sizeof(int32_t) * (size_t)n);
     int32_t tabs[512];
     memcpy(tabs, t1, sizeof(int32_t) * (size_t)nb1);
@@ -371,7 +373,7 @@ static void test_attention(int H, int KV, int d, int len, int len2, int nsplit)
     free(sc);
     free(pos);
     free(toff);
-    xp_kv_free(&kv);
+    xp_kv_store_free(&kv);
 }
 
 static void test_elementwise(size_t n)

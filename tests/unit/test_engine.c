@@ -67,6 +67,23 @@ static void collect(xp_queue *q, const uint64_t *ids, int n, xp_result *res)
     }
 }
 
+/* A request that can never run: submit takes it, and an ERROR event says why. */
+static void expect_error_event(xp_engine *e, xp_queue *q, const xp_request *r, const char *what)
+{
+    uint64_t id = xp_engine_submit(e, r, q);
+    assert_true(id > 0);
+    for (;;) {
+        xp_event ev;
+        if (!xp_queue_wait(q, &ev, 20000)) fail_msg("no event within 20 s");
+        assert_true(ev.id == id);
+        assert_true(ev.type == XP_EV_ERROR || ev.type == XP_EV_PROMPT);
+        int err = ev.type == XP_EV_ERROR;
+        if (err && !strstr(ev.error, what)) fail_msg("error \"%s\" lacks \"%s\"", ev.error, what);
+        xp_event_clear(&ev);
+        if (err) return;
+    }
+}
+
 static xp_engine *start(int max_batch, int max_adapters, size_t kv_bytes, int chunk)
 {
     xp_engine_opts o = {.threads = 2,
@@ -79,7 +96,7 @@ static xp_engine *start(int max_batch, int max_adapters, size_t kv_bytes, int ch
     for (int i = 0; i < NAD; i++) {
         char name[32];
         snprintf(name, sizeof name, "a%d", i);
-        if (xp_engine_add_adapter(e, name, adapter_dirs[i]) < 0) fail_msg("%s", xp_last_error());
+        if (xp_engine_add_adapter(e, name, adapter_dirs[i], 0) < 0) fail_msg("%s", xp_last_error());
     }
     return e;
 }
@@ -159,6 +176,9 @@ static void test_cancel_frees_blocks(void **state)
     uint64_t id = xp_engine_submit(e, &r, q);
     xp_event ev;
     assert_true(xp_queue_wait(q, &ev, 20000));
+    assert_int_equal(ev.type, XP_EV_PROMPT); /* tokenized */
+    xp_event_clear(&ev);
+    assert_true(xp_queue_wait(q, &ev, 20000));
     assert_int_equal(ev.type, XP_EV_TOKEN);
     xp_event_clear(&ev);
     xp_engine_stats st;
@@ -206,8 +226,7 @@ static void test_waits_for_blocks(void **state)
     /* the context is what the cache holds: a longer prompt is refused at once */
     static int32_t big[64];
     xp_request longp = {.tokens = big, .n_tokens = 64};
-    assert_int_equal(xp_engine_submit(e, &longp, q), 0);
-    assert_error_contains("the context holds 64");
+    expect_error_event(e, q, &longp, "the context holds 64");
     wait_blocks_free(e);
     xp_engine_destroy(e);
     xp_queue_destroy(q);
@@ -268,19 +287,16 @@ static void test_refusals(void **state)
     assert_int_equal(xp_engine_submit(e, &r, q), 0);
     assert_error_contains("\"nope\" is not registered");
     xp_request empty = {.prompt = ""};
-    assert_int_equal(xp_engine_submit(e, &empty, q), 0);
-    assert_error_contains("empty");
+    expect_error_event(e, q, &empty, "empty");
     int32_t bad = 200000;
     xp_request badtok = {.tokens = &bad, .n_tokens = 1};
-    assert_int_equal(xp_engine_submit(e, &badtok, q), 0);
-    assert_error_contains("outside the vocabulary");
+    expect_error_event(e, q, &badtok, "outside the vocabulary");
     static int32_t many[3000];
     xp_request longp = {.tokens = many, .n_tokens = 3000};
-    assert_int_equal(xp_engine_submit(e, &longp, q), 0);
-    assert_error_contains("the context holds");
-    assert_int_equal(xp_engine_add_adapter(e, "a0", adapter_dirs[0]), -1);
+    expect_error_event(e, q, &longp, "the context holds");
+    assert_int_equal(xp_engine_add_adapter(e, "a0", adapter_dirs[0], 0), -1);
     assert_error_contains("already registered");
-    assert_int_equal(xp_engine_add_adapter(e, "x", "/nonexistent"), -1);
+    assert_int_equal(xp_engine_add_adapter(e, "x", "/nonexistent", 0), -1);
     assert_error_contains("adapter_config.json");
     assert_int_equal(xp_engine_remove_adapter(e, "a3"), 0);
     xp_request gone = {.adapter = "a3", .prompt = "hi"};
