@@ -137,7 +137,8 @@ check: deps
 fuzz:
 	scripts/fuzz.sh $(or $(FUZZ_SECONDS),20)
 
-demo: deps $(XPREC)
+demo: deps
+	$(MAKE) -j$(shell nproc) all
 	scripts/demo.sh
 
 bench: $(XPREC)
