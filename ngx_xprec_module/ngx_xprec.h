@@ -109,7 +109,8 @@ enum {
     NGX_XPREC_LOC_NONE = 0,
     NGX_XPREC_LOC_OPENAI,
     NGX_XPREC_LOC_ADMIN,
-    NGX_XPREC_LOC_ERROR
+    NGX_XPREC_LOC_ERROR,
+    NGX_XPREC_LOC_METRICS
 };
 
 
@@ -131,6 +132,8 @@ struct ngx_xprec_runtime_adapter_s {
     char                        **tenants;
     ngx_flag_t                    loading;      /* registration still in flight */
     uint64_t                      ticket;       /* its engine ticket while loading */
+    ngx_flag_t                    shared;       /* in the Redis registry (else this node's) */
+    ngx_flag_t                    broken;       /* from the registry, but it would not load */
 };
 
 
@@ -322,6 +325,9 @@ ngx_flag_t ngx_xprec_tenant_limited(ngx_xprec_tenant_t *t);
 void ngx_xprec_prompt_ready(ngx_xprec_ctx_t *ctx);
 void ngx_xprec_refuse(ngx_xprec_ctx_t *ctx, ngx_uint_t status, const char *type,
     const char *code, const char *msg, ngx_msec_t retry_ms);
+
+/* ngx_xprec_metrics.c */
+ngx_int_t ngx_xprec_metrics_handler(ngx_http_request_t *r);
 
 /* ngx_xprec_vars.c */
 ngx_int_t ngx_xprec_add_variables(ngx_conf_t *cf);

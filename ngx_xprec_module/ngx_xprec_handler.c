@@ -195,6 +195,9 @@ ngx_xprec_models_json(ngx_xprec_main_conf_t *mcf, ngx_xprec_tenant_t *t, ngx_str
     }
 
     for (ra = ngx_xprec_worker.runtime; ra; ra = ra->next) {
+        if (ra->loading || ra->broken) {
+            continue;
+        }
         name.data = (u_char *) ra->name;
         name.len = ngx_strlen(ra->name);
 

@@ -83,6 +83,13 @@ static ngx_command_t  ngx_xprec_commands[] = {
       NGX_XPREC_LOC_ERROR,
       NULL },
 
+    { ngx_string("xprec_metrics"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_xprec_location,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      NGX_XPREC_LOC_METRICS,
+      NULL },
+
     { ngx_string("xprec_max_tokens"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_num_slot,
@@ -989,6 +996,7 @@ ngx_xprec_location(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
     clcf->handler = cmd->offset == NGX_XPREC_LOC_ADMIN ? ngx_xprec_admin_handler
                     : cmd->offset == NGX_XPREC_LOC_ERROR ? ngx_xprec_error_handler
+                    : cmd->offset == NGX_XPREC_LOC_METRICS ? ngx_xprec_metrics_handler
                     : ngx_xprec_openai_handler;
 
     return NGX_CONF_OK;

@@ -697,6 +697,7 @@ void
 ngx_xprec_redis_on_up(void)
 {
     ngx_xprec_quota_flush();
+    ngx_xprec_fleet_sync();
 }
 
 

@@ -21,6 +21,7 @@
 extern const char ngx_xprec_lua_reserve[];
 extern const char ngx_xprec_lua_finish[];
 extern const char ngx_xprec_lua_touch[];
+extern const char ngx_xprec_lua_residency[];
 
 static const char *ngx_xprec_scripts[NGX_XPREC_SCRIPTS];
 static char ngx_xprec_script_sha[NGX_XPREC_SCRIPTS][41];
@@ -375,9 +376,10 @@ ngx_xprec_redis_auth_done(void *data, redisReply *r)
 {
     const char  *what = data;
 
-    if (r == NULL || r->type == REDIS_REPLY_ERROR) {
-        ngx_log_error(NGX_LOG_ERR, ngx_xprec_rlog, 0, "xprec: redis %s failed%s%*s", what,
-                      r ? ": " : "", r ? (size_t) r->len : 0, r ? r->str : "");
+    /* a connection that failed is reported by itself; a refused AUTH or SELECT is news */
+    if (r && r->type == REDIS_REPLY_ERROR) {
+        ngx_log_error(NGX_LOG_ERR, ngx_xprec_rlog, 0, "xprec: redis %s failed: %*s", what,
+                      (size_t) r->len, r->str);
     }
 }
 
@@ -520,7 +522,8 @@ ngx_int_t
 ngx_xprec_redis_init(ngx_cycle_t *cycle, ngx_xprec_main_conf_t *mcf)
 {
     const char     *src[NGX_XPREC_SCRIPTS] = { ngx_xprec_lua_reserve, ngx_xprec_lua_finish,
-                                               ngx_xprec_lua_touch };
+                                               ngx_xprec_lua_touch,
+                                               ngx_xprec_lua_residency };
     u_char          md[EVP_MAX_MD_SIZE];
     unsigned int    n, i, k;
 

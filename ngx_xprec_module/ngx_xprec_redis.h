@@ -13,6 +13,7 @@ enum {
     NGX_XPREC_SCRIPT_RESERVE = 0,
     NGX_XPREC_SCRIPT_FINISH,
     NGX_XPREC_SCRIPT_TOUCH,
+    NGX_XPREC_SCRIPT_RESIDENCY,
     NGX_XPREC_SCRIPTS
 };
 
@@ -62,5 +63,17 @@ void ngx_xprec_quota_pending(void (*fn)(void *arg, ngx_uint_t tenant, const char
     ngx_uint_t status, int prompt, int completion, ngx_msec_t ttft, ngx_msec_t duration),
     void *arg);
 #define NGX_XPREC_KEY_USAGE  5
+
+/* ngx_xprec_fleet.c: the adapter registry and residency, shared by every gateway */
+#define NGX_XPREC_REGISTRY   "xprec:{fleet}:adapters"
+#define NGX_XPREC_RESIDENCY  "xprec:{fleet}:residency"
+#define NGX_XPREC_NODES      "xprec:{fleet}:nodes"
+void ngx_xprec_fleet_init(ngx_cycle_t *cycle, ngx_xprec_main_conf_t *mcf);
+void ngx_xprec_fleet_exit(void);
+void ngx_xprec_fleet_sync(void);
+void ngx_xprec_fleet_loaded(ngx_xprec_runtime_adapter_t *a);
+void ngx_xprec_fleet_unloaded(const char *name);
+const char *ngx_xprec_fleet_node(void);
+void ngx_xprec_quota_flush(void);
 
 #endif /* NGX_XPREC_REDIS_H_INCLUDED_ */

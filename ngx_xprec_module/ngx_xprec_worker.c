@@ -234,6 +234,8 @@ ngx_xprec_init_worker(ngx_cycle_t *cycle)
     ngx_xprec_starter_running = 1;
     ngx_xprec_worker.starting = 1;
 
+    ngx_xprec_fleet_init(cycle, mcf);
+
     if (ngx_xprec_quota_init(cycle, mcf) != NGX_OK
         || ngx_xprec_redis_init(cycle, mcf) != NGX_OK)
     {
@@ -270,6 +272,8 @@ ngx_xprec_started_handler(ngx_event_t *ev)
                       ngx_xprec_mcf->model_dir.data,
                       xp_engine_backend(ngx_xprec_worker.engine),
                       xp_engine_context(ngx_xprec_worker.engine));
+        /* the fleet's runtime adapters, from the registry */
+        ngx_xprec_fleet_sync();
     }
 
     /* the requests that waited */
@@ -423,6 +427,7 @@ ngx_xprec_exit_worker(ngx_cycle_t *cycle)
     }
 
     ngx_xprec_worker.exiting = 1;
+    ngx_xprec_fleet_exit();
     /* pending commands are answered NULL; their handlers only free what they own now */
     ngx_xprec_redis_exit();
     ngx_xprec_quota_exit();
