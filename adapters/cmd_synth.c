@@ -293,7 +293,7 @@ int xp_cmd_synth(int argc, char **argv)
             "                   [--kv-heads N] [--head-dim N] [--vocab N] [--tied|--untied]\n"
             "       xprec synth --tuned-from BASE --delta-rank K --delta-scale S [--noise E]\n"
             "                   [--norm-delta F] [--embed-delta F] --out DIR [--seed N]\n"
-            "       [--max-shard-mb N] [--force] with either\n",
+            "       either with [--max-shard-mb N] [--force]\n",
         .about = "A random BF16 Qwen3 checkpoint (weights ~N(0, 0.02), norms ~1), deterministic for a\n"
                  "seed; or a fine-tune of BASE: every linear weight W plus a planted rank-K update\n"
                  "with ||dW|| = S ||W|| and dense noise with ||N|| = E ||W||; norms scaled by\n"
