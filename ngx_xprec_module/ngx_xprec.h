@@ -219,6 +219,7 @@ struct ngx_xprec_ctx_s {
     /* quotas (ngx_xprec_quota.c) */
     unsigned                    limited:1;      /* the tenant has limits: admit through Redis */
     unsigned                    reserved:1;     /* Redis holds a reservation for it */
+    unsigned                    unreserved:1;   /* admitted while Redis was unreachable */
     unsigned                    counted:1;      /* its usage has been recorded */
     unsigned                    rl_valid:1;     /* the x-ratelimit-* values below are set */
     ngx_xprec_qreq_t           *qreq;           /* a reservation on its way */

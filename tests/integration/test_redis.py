@@ -150,6 +150,8 @@ def test_rpm_exact_under_concurrency(tmp_path, models, redis):
                 assert int(h["retry-after"]) >= 1
                 assert h["x-ratelimit-limit-requests"] == "10"
                 assert h["x-ratelimit-remaining-requests"] == "0"
+        # the window holds what was admitted, not what was refused
+        assert sum(int(v) for v in redis.hgetall("xprec:{t:rpm}:rpm").values()) == 10
         # nothing held after the requests ended
         assert redis.cli("ZCARD", "xprec:{t:rpm}:inflight") == "0"
         assert redis.cli("HLEN", "xprec:{t:rpm}:resv") == "0"
