@@ -221,6 +221,8 @@ struct ngx_xprec_ctx_s {
     unsigned                    reserved:1;     /* Redis holds a reservation for it */
     unsigned                    unreserved:1;   /* admitted while Redis was unreachable */
     unsigned                    counted:1;      /* its usage has been recorded */
+    unsigned                    model_ok:1;     /* a model the tenant may use: its usage counts
+                                                   (a name a client made up is no label) */
     unsigned                    rl_valid:1;     /* the x-ratelimit-* values below are set */
     ngx_xprec_qreq_t           *qreq;           /* a reservation on its way */
     ngx_msec_t                  touched;        /* when the reservation was last renewed */

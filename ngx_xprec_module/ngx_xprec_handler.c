@@ -403,6 +403,7 @@ ngx_xprec_body_handler(ngx_http_request_t *r)
     }
 
     ctx->req.adapter = adapter;
+    ctx->model_ok = 1;
     /* a limited tenant's request waits, tokenized, for its reservation */
     ctx->limited = mcf->redis && ngx_xprec_tenant_limited(ctx->tenant);
     ctx->req.hold = ctx->limited;

@@ -628,7 +628,7 @@ ngx_xprec_quota_end(ngx_xprec_ctx_t *ctx, ngx_uint_t status)
 {
     ngx_xprec_usage_t  u;
 
-    if (ctx->counted || ctx->tenant == NULL || ctx->model.len == 0) {
+    if (ctx->counted || ctx->tenant == NULL || !ctx->model_ok) {
         return;
     }
 
@@ -645,7 +645,7 @@ ngx_xprec_quota_orphan(ngx_xprec_ctx_t *ctx)
 {
     ngx_xprec_orphan_t  *o;
 
-    if (ctx->counted || ctx->tenant == NULL || !ngx_xprec_qmcf->redis) {
+    if (ctx->counted || ctx->tenant == NULL || !ctx->model_ok || !ngx_xprec_qmcf->redis) {
         return;
     }
 
