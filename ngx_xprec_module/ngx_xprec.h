@@ -273,7 +273,7 @@ ngx_int_t ngx_xprec_parse_chat(ngx_xprec_ctx_t *ctx, cJSON *body, ngx_int_t max_
     const char **err, const char **param);
 ngx_int_t ngx_xprec_parse_completion(ngx_xprec_ctx_t *ctx, cJSON *body,
     ngx_int_t max_tokens, const char **err, const char **param);
-cJSON *ngx_xprec_parse_body(ngx_http_request_t *r, const char **err);
+cJSON *ngx_xprec_parse_json(const u_char *data, size_t len, const char **err);
 void ngx_xprec_request_free(ngx_xprec_ctx_t *ctx);
 
 /* ngx_xprec_reply.c */
@@ -292,6 +292,7 @@ char *ngx_xprec_utf8_fix(const char *s, size_t len);
 size_t ngx_xprec_utf8_seq(const u_char *s, size_t avail);
 
 /* ngx_xprec_handler.c */
+cJSON *ngx_xprec_parse_body(ngx_http_request_t *r, const char **err);
 ngx_int_t ngx_xprec_openai_handler(ngx_http_request_t *r);
 ngx_int_t ngx_xprec_error_handler(ngx_http_request_t *r);
 void ngx_xprec_on_event(ngx_xprec_ctx_t *ctx, xp_event *ev);
