@@ -259,6 +259,7 @@ void ngx_xprec_track(ngx_xprec_ctx_t *ctx);
 void ngx_xprec_untrack(ngx_xprec_ctx_t *ctx);
 ngx_int_t ngx_xprec_engine_ready(void);
 ngx_flag_t ngx_xprec_shutdown_due(ngx_cycle_t *cycle);
+void ngx_xprec_fd_release(ngx_connection_t *c);
 
 /* ngx_xprec_auth.c */
 void ngx_xprec_sha256(const u_char *data, size_t len, u_char *out);
@@ -306,6 +307,7 @@ cJSON *ngx_xprec_models_json(ngx_xprec_main_conf_t *mcf, ngx_xprec_tenant_t *t,
 ngx_int_t ngx_xprec_admin_handler(ngx_http_request_t *r);
 void ngx_xprec_admin_on_event(ngx_xprec_ctx_t *ctx, xp_event *ev);
 ngx_xprec_runtime_adapter_t *ngx_xprec_runtime_find(const char *name, size_t len);
+void ngx_xprec_runtime_free(ngx_xprec_runtime_adapter_t *a);
 /* an adapter registration ended: its record is kept or dropped; 1 if ev was one */
 ngx_flag_t ngx_xprec_admin_ticket(xp_event *ev);
 

@@ -106,11 +106,13 @@ ngx_xprec_cleanup(void *data)
     }
 
     ngx_xprec_request_free(ctx);
+    free(ctx->prompt_text);
     free(ctx->text);
     free(ctx->lps);
     free(ctx->lp_tokens);
     free(ctx->echo_ids);
     free(ctx->prompt_lp);
+    ctx->prompt_text = NULL;
     ctx->text = NULL;
     ctx->lps = NULL;
     ctx->lp_tokens = NULL;

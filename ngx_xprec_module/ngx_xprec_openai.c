@@ -580,14 +580,13 @@ ngx_xprec_request_free(ngx_xprec_ctx_t *ctx)
         free(ctx->contents[i]);
     }
 
+    /* prompt_text (echo's copy of a text prompt) stays until the request ends */
     free(ctx->contents);
     free(ctx->msgs);
     free(ctx->prompt_ids);
-    free(ctx->prompt_text);
     ctx->contents = NULL;
     ctx->msgs = NULL;
     ctx->prompt_ids = NULL;
-    ctx->prompt_text = NULL;
     ctx->n_contents = 0;
 
     if (ctx->json) {
