@@ -1053,6 +1053,8 @@ ngx_xprec_refuse(ngx_xprec_ctx_t *ctx, ngx_uint_t status, const char *type, cons
     if (ngx_xprec_worker.in_flight[ctx->tenant->index]) {
         ngx_xprec_worker.in_flight[ctx->tenant->index]--;
     }
+    /* it used nothing: its usage is a refusal with no tokens */
+    ctx->prompt_tokens = 0;
     ctx->completion_tokens = 0;
 
     if (retry_ms) {
