@@ -640,28 +640,51 @@ def test_quit_lets_streams_finish(models, tmp_path):
     assert g.bad_log_lines() == []
 
 
+def open_stream(g, key, max_tokens, model="bio"):
+    """Starts a streaming request and returns its connection once the first token has come:
+    the request runs until it ends or the caller closes the connection."""
+    body = {"model": model, "messages": [{"role": "user", "content": "go on"}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    c = g.conn(600)
+    c.request("POST", CHAT, body=json.dumps(body),
+              headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200
+    while not r.fp.readline().startswith(b"data: "):
+        pass
+    return c, r
+
+
 def test_exclusive_engine_waits_for_the_old_one(models, tmp_path):
     """What a GPU engine does on reload, tried on the CPU with exclusive=on: the new worker's
-    engine starts only once the old one is destroyed, and requests wait for it meanwhile."""
+    engine starts only once the old one is destroyed, and requests wait for it meanwhile.
+    The old worker's stream lasts until the test closes it, so no machine is too fast for it."""
     lock = tmp_path / "engine.lock"
     g = Gateway(tmp_path, http_block(models, f"exclusive=on lock_file={lock}")).start(ADMIN)
     try:
-        res = {}
-        t = threading.Thread(target=long_stream, args=(g, A, 800, res))
-        t.start()
-        wait_running(g)
+        old = status(g)["engine"]["pid"]
+        c, _ = open_stream(g, A, 30000)
         g.nginx("-s", "reload")
-        time.sleep(0.5)
-        # the new worker has no engine while the old one streams
+        # until the old worker hears of the reload it accepts too: wait for it to stop
         t0 = time.time()
-        while status(g)["engine"]["state"] == "ready" and time.time() - t0 < 10:
+        while f"{old}#{old}: gracefully shutting down" not in g.log() and time.time() - t0 < 30:
             time.sleep(0.05)
-        assert status(g)["engine"]["state"] == "starting"
+        # the new worker answers, but has no engine while the old one streams
+        st = status(g)
+        assert st["engine"]["pid"] != old
+        assert st["engine"]["state"] == "starting"
         # a request now waits, then is served by the new engine (not refused)
-        st, d = g.json("POST", CHAT, chat_body("law", max_tokens=2), key=B, timeout=300)
-        assert st == 200, d
+        res = {}
+        t = threading.Thread(target=lambda: res.update(
+            r=g.json("POST", CHAT, chat_body("law", max_tokens=2), key=B, timeout=300)))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive(), res
+        assert status(g)["engine"]["state"] == "starting"
+        c.close()  # the old request is cancelled, its worker exits, the lock passes on
         t.join(300)
-        assert res["stream"][1][-1] == "[DONE]"
+        st, d = res["r"]
+        assert st == 200, d
         assert status(g)["engine"]["state"] == "ready"
     finally:
         g.stop()
