@@ -1,9 +1,11 @@
 /* Weight-streaming matrix products: y = x W^T with W in FP8 blocks, BF16, F16 or F32.
  *
- * A tile of weight rows is decoded into a cache-sized F32 buffer (the weights stream from memory
- * once per call, whatever the number of input rows) and dotted with the input rows, four at a
- * time. Every output element is one dot product computed in the same order whatever the batch
- * holds, so a request gets bit-identical logits alone and in any batch (batch invariance). */
+ * Few input rows (decode): the weights are decoded in registers as they stream from memory.
+ * More rows: a tile of weight rows is decoded once into a cache-sized F32 buffer (the weights
+ * still stream from memory once per call) and register-blocked kernels meet it with every input
+ * row. Every output element is one dot product summed in the level's one order whatever the
+ * batch holds, so a request gets bit-identical logits alone and in any batch (batch
+ * invariance). */
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
 
@@ -13,28 +15,27 @@
 #include <string.h>
 
 #define XP_TILE_FLOATS (32 * 1024) /* 128 KB of decoded weights per tile */
-#define XP_XBLOCK 16               /* input rows kept hot while a tile is applied */
+#define XP_TILE_MIN_ROWS 12        /* whole tiles of every level's kernel (3 or 4 rows) */
 
 static int xp_simd_level = -1; /* -1 unknown, 0 scalar, 1 AVX2, 2 AVX-512 */
 static int xp_forced_scalar;
 
 static const xp_simd xp_simd_avx2 = {.dot = xp_dot_avx2,
-                                     .dot4 = xp_dot4_avx2,
+                                     .tile_rows = xp_tile_rows_avx2,
                                      .fused_rows = xp_fused_rows_avx2,
                                      .decode_row = xp_decode_row_avx2,
                                      .axpy = xp_axpy_avx2,
                                      .dot_bf16 = xp_dot_bf16_avx2,
                                      .axpy_bf16 = xp_axpy_bf16_avx2,
-                                     .fp8_chunk = 16};
+                                     .fp8_chunk = 8};
 static const xp_simd xp_simd_avx512 = {.dot = xp_dot_avx512,
-                                       .dot4 = xp_dot4_avx512,
-                                       .dot2x4 = xp_dot2x4_avx512,
+                                       .tile_rows = xp_tile_rows_avx512,
                                        .fused_rows = xp_fused_rows_avx512,
                                        .decode_row = xp_decode_row_avx512,
                                        .axpy = xp_axpy_avx512,
                                        .dot_bf16 = xp_dot_bf16_avx512,
                                        .axpy_bf16 = xp_axpy_bf16_avx512,
-                                       .fp8_chunk = 32};
+                                       .fp8_chunk = 16};
 
 /* The widest kernels this processor runs; XPREC_SIMD=avx2|scalar caps them (tests, A/B). */
 static int xp_cpu_level(void)
@@ -153,7 +154,18 @@ float xp_dot(const float *a, const float *b, int64_t n)
 
 size_t xp_linear_scratch_floats(int64_t max_cols)
 {
-    return (size_t)max_cols > XP_TILE_FLOATS ? (size_t)max_cols : XP_TILE_FLOATS;
+    size_t rows = (size_t)XP_TILE_MIN_ROWS * (size_t)max_cols;
+    return rows > XP_TILE_FLOATS ? rows : XP_TILE_FLOATS;
+}
+
+/* The scalar level's tiles: each element the reference dot product. */
+static void xp_tile_rows_ref(const float *w, int64_t nw, const float *x, int n, int64_t k,
+                             float *y, int64_t ldy, int64_t r0)
+{
+    for (int i = 0; i < n; i++)
+        for (int64_t a = 0; a < nw; a++)
+            y[(size_t)i * (size_t)ldy + (size_t)(r0 + a)] =
+                xp_dot_ref(x + (size_t)i * (size_t)k, w + a * k, k);
 }
 
 typedef struct {
@@ -164,46 +176,6 @@ typedef struct {
     int n;
     int64_t tile; /* weight rows per task */
 } xp_linear_job;
-
-/* y[i, r] for rows i of x and weight rows r in [r0, r1), w the decoded rows. */
-static void xp_apply_tile(const xp_linear_job *j, const float *w, int64_t r0, int64_t r1)
-{
-    int64_t cols = j->l->cols, ld = j->l->rows;
-    const xp_simd *k = xp_simd_get();
-    for (int i0 = 0; i0 < j->n; i0 += XP_XBLOCK) {
-        int i1 = i0 + XP_XBLOCK < j->n ? i0 + XP_XBLOCK : j->n;
-        int64_t r = r0;
-        /* two weight rows at a time where the kernel set has the registers for it */
-        for (; k && k->dot2x4 && r + 2 <= r1; r += 2) {
-            const float *wr = w + (r - r0) * cols;
-            int i = i0;
-            float o[8];
-            for (; i + 4 <= i1; i += 4) {
-                k->dot2x4(j->x + (size_t)i * cols, cols, wr, cols, cols, o);
-                for (int q = 0; q < 4; q++) {
-                    j->y[(size_t)(i + q) * ld + r] = o[q];
-                    j->y[(size_t)(i + q) * ld + r + 1] = o[4 + q];
-                }
-            }
-            for (; i < i1; i++) {
-                j->y[(size_t)i * ld + r] = xp_dot(j->x + (size_t)i * cols, wr, cols);
-                j->y[(size_t)i * ld + r + 1] = xp_dot(j->x + (size_t)i * cols, wr + cols, cols);
-            }
-        }
-        for (; r < r1; r++) {
-            const float *wr = w + (r - r0) * cols;
-            int i = i0;
-            float o[4];
-            for (; k && i + 4 <= i1; i += 4) {
-                k->dot4(j->x + (size_t)i * cols, cols, wr, cols, o);
-                for (int q = 0; q < 4; q++)
-                    j->y[(size_t)(i + q) * ld + r] = o[q];
-            }
-            for (; i < i1; i++)
-                j->y[(size_t)i * ld + r] = xp_dot(j->x + (size_t)i * cols, wr, cols);
-        }
-    }
-}
 
 /* The register-decoding kernel, when it applies: FP8 blocks must hold whole SIMD chunks and
  * have scales the fast decode can take. */
@@ -226,19 +198,21 @@ static void xp_linear_task(void *ctx, int task, int thread)
         k->fused_rows(l, r0, r1, j->x, j->n, j->y);
         return;
     }
-    if (l->dtype == XP_F32) {
-        xp_apply_tile(j, (const float *)l->w + r0 * l->cols, r0, r1);
-        return;
+    k = xp_simd_get();
+    const float *w = (const float *)l->w + r0 * l->cols;
+    if (l->dtype != XP_F32) {
+        float *buf = j->scratch[thread];
+        for (int64_t r = r0; r < r1; r++)
+            xp_decode_row(l, r, buf + (r - r0) * l->cols);
+        w = buf;
     }
-    float *buf = j->scratch[thread];
-    for (int64_t r = r0; r < r1; r++)
-        xp_decode_row(l, r, buf + (r - r0) * l->cols);
-    xp_apply_tile(j, buf, r0, r1);
+    (k ? k->tile_rows : xp_tile_rows_ref)(w, r1 - r0, j->x, j->n, l->cols, j->y, l->rows, r0);
 }
 
 void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const float *x, int n,
                        float *y)
 {
+    if (n < 1) return; /* a step may want no logits */
     int threads = xp_pool_threads(pool);
     int64_t tile;
     if (n <= 4 && xp_fused_kernel(l)) {
@@ -248,10 +222,11 @@ void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const
         tile = (l->rows + 2 * threads - 1) / (2 * threads);
     } else {
         tile = XP_TILE_FLOATS / l->cols;
-        if (tile < 1) tile = 1;
         /* at least a few tasks per thread so the threads finish together */
         int64_t per = (l->rows + 4 * threads - 1) / (4 * threads);
-        if (tile > per) tile = per < 1 ? 1 : per;
+        if (tile > per) tile = per;
+        tile = tile / XP_TILE_MIN_ROWS * XP_TILE_MIN_ROWS;
+        if (tile < XP_TILE_MIN_ROWS) tile = XP_TILE_MIN_ROWS;
     }
     xp_linear_job j = {l, x, y, scratch, n, tile};
     xp_pool_run(pool, (int)((l->rows + tile - 1) / tile), xp_linear_task, &j);

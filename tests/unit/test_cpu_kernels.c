@@ -34,6 +34,8 @@ static tk_weight make_weight(xp_dtype dt, int64_t rows, int64_t cols, int br, in
             ((uint8_t *)k.w)[i] = c;
         } else if (dt == XP_BF16) {
             ((uint16_t *)k.w)[i] = xp_f32_to_bf16(v);
+        } else if (dt == XP_F16) {
+            ((uint16_t *)k.w)[i] = xp_f32_to_f16(v);
         } else {
             ((float *)k.w)[i] = v;
         }
@@ -243,6 +245,107 @@ static void test_scalar_fallback(void **state)
     xp_cpu_force_scalar(0);
 }
 
+/* y = x W^T through the pool against the scalar reference, with the reference's own bound: the
+ * summation order differs, so each element may move by a few ulps of the sum of |terms|. */
+static void check_against_reference(const xp_linear *l, const float *x, int n, const float *y)
+{
+    float *row = malloc((size_t)l->cols * 4), *ref = malloc((size_t)(n * l->rows) * 4);
+    xp_linear_forward_ref(l, x, n, ref);
+    for (int64_t r = 0; r < l->rows; r++) {
+        xp_decode_row_ref(l, r, row);
+        for (int i = 0; i < n; i++) {
+            double mag = 0;
+            for (int64_t j = 0; j < l->cols; j++)
+                mag += fabs((double)x[i * l->cols + j] * row[j]);
+            double got = y[(size_t)i * l->rows + r], want = ref[(size_t)i * l->rows + r];
+            if (!(fabs(got - want) <= 2e-6 * mag + 1e-30))
+                fail_msg("row %d out %lld: %g vs reference %g (|terms| %g), %lldx%lld", i,
+                         (long long)r, got, want, mag, (long long)l->rows, (long long)l->cols);
+        }
+    }
+    free(row);
+    free(ref);
+}
+
+/* The register-blocked kernels on ragged shapes (rows and columns not multiples of the tiles,
+ * of 16 or of 128; FP8 blocks of 128, 64 and 48 columns, the last not a multiple of the
+ * AVX-512 chunk), every batch size from the register-decoding path (1-4 rows) to the tile path,
+ * every thread count: each against the reference, and each row's outputs the same bits alone,
+ * in the batch, and at another position in a reversed batch. */
+static void check_blocked(xp_dtype dt, int64_t rows, int64_t cols, int br, int bc)
+{
+    tk_weight k = make_weight(dt, rows, cols, br, bc, (uint64_t)(rows * 131 + cols + bc));
+    enum { N = 37 };
+    float *x = malloc((size_t)(N * cols) * 4), *rev = malloc((size_t)(N * cols) * 4);
+    float *y = malloc((size_t)(N * rows) * 4), *yr = malloc((size_t)(N * rows) * 4);
+    float *one = malloc((size_t)rows * 4);
+    tu_rng r;
+    tu_rng_seed(&r, (uint64_t)cols);
+    for (int64_t i = 0; i < N * cols; i++)
+        x[i] = (float)tu_rng_normal(&r);
+    static const int ns[] = {1, 2, 3, 4, 5, 7, 13, N};
+    for (int threads = 1; threads <= 3; threads += 2) {
+        xp_pool *pool = xp_pool_create(threads);
+        float **scratch = calloc((size_t)threads, sizeof *scratch);
+        for (int t = 0; t < threads; t++)
+            scratch[t] = malloc(xp_linear_scratch_floats(cols) * 4);
+        /* every row alone first: the bits the batches must reproduce */
+        float *alone = malloc((size_t)(N * rows) * 4);
+        for (int i = 0; i < N; i++)
+            xp_linear_forward(pool, scratch, &k.l, x + i * cols, 1, alone + i * rows);
+        check_against_reference(&k.l, x, N, alone);
+        xp_linear_forward(pool, scratch, &k.l, x, 0, NULL); /* a step that wants no logits */
+        for (size_t c = 0; c < sizeof ns / sizeof *ns; c++) {
+            int n = ns[c];
+            xp_linear_forward(pool, scratch, &k.l, x, n, y);
+            assert_memory_equal(y, alone, (size_t)(n * rows) * 4);
+            for (int i = 0; i < n; i++)
+                memcpy(rev + (size_t)i * cols, x + (size_t)(n - 1 - i) * cols, (size_t)cols * 4);
+            xp_linear_forward(pool, scratch, &k.l, rev, n, yr);
+            for (int i = 0; i < n; i++)
+                assert_memory_equal(yr + (size_t)i * rows, alone + (size_t)(n - 1 - i) * rows,
+                                    (size_t)rows * 4);
+        }
+        free(alone);
+        for (int t = 0; t < threads; t++)
+            free(scratch[t]);
+        free(scratch);
+        xp_pool_destroy(pool);
+    }
+    free(x);
+    free(rev);
+    free(y);
+    free(yr);
+    free(one);
+    free_weight(&k);
+}
+
+static void blocked_shapes(void)
+{
+    static const int64_t shapes[][2] = {{1, 5}, {13, 130}, {37, 257}, {130, 272}, {7, 1024}};
+    for (int s = 0; s < 5; s++) {
+        int64_t rows = shapes[s][0], cols = shapes[s][1];
+        check_blocked(XP_F8_E4M3, rows, cols, 128, 128);
+        check_blocked(XP_F8_E4M3, rows, cols, 32, 64);
+        check_blocked(XP_F8_E4M3, rows, cols, 5, 48);
+        check_blocked(XP_BF16, rows, cols, 0, 0);
+        check_blocked(XP_F16, rows, cols, 0, 0);
+        check_blocked(XP_F32, rows, cols, 0, 0);
+    }
+}
+
+static void test_blocked_kernels_match_reference_and_are_batch_invariant(void **state)
+{
+    blocked_shapes();
+}
+
+static void test_blocked_kernels_scalar(void **state)
+{
+    xp_cpu_force_scalar(1);
+    blocked_shapes();
+    xp_cpu_force_scalar(0);
+}
+
 static void inc(void *ctx, int task, int thread)
 {
     int *hits = ctx;
@@ -302,6 +405,8 @@ int main(void)
         cmocka_unit_test(test_bf16_lora_kernels_match_f32),
         cmocka_unit_test(test_linear_matches_reference_and_is_batch_invariant),
         cmocka_unit_test(test_scalar_fallback),
+        cmocka_unit_test(test_blocked_kernels_match_reference_and_are_batch_invariant),
+        cmocka_unit_test(test_blocked_kernels_scalar),
         cmocka_unit_test(test_pool_runs_every_task_once),
         cmocka_unit_test(test_pool_back_to_back_calls),
     };
