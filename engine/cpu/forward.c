@@ -30,7 +30,6 @@ struct xp_runtime {
     int threads, max_rows, max_ctx;
     float **scratch;     /* per thread, for the linear kernels */
     float **att_scratch; /* per thread, attention scores */
-    float **lora_tmp;    /* per thread: an expand run of outputs */
     float *lora_t;       /* [max_rows, XP_MAX_LORA_RANK]: each row's shrunk input */
     float *x, *h, *q, *k, *v, *att, *gate, *up, *out;
 };
@@ -79,10 +78,8 @@ xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *
         maxc = (int64_t)g->num_attention_heads * g->head_dim;
     rt->scratch = calloc((size_t)rt->threads, sizeof *rt->scratch);
     rt->att_scratch = calloc((size_t)rt->threads, sizeof *rt->att_scratch);
-    rt->lora_tmp = calloc((size_t)rt->threads, sizeof *rt->lora_tmp);
-    if (!rt->scratch || !rt->att_scratch || !rt->lora_tmp) goto oom;
+    if (!rt->scratch || !rt->att_scratch) goto oom;
     for (int t = 0; t < rt->threads; t++) {
-        if (!(rt->lora_tmp[t] = xp_falloc(XP_LORA_EXPAND_O))) goto oom;
         rt->scratch[t] = xp_falloc(xp_linear_scratch_floats(maxc));
         /* attention: a KV group's scores and their sums */
         int group = g->num_attention_heads / g->num_key_value_heads;
@@ -132,9 +129,6 @@ void xp_runtime_destroy(xp_runtime *rt)
     free(rt->att);
     free(rt->gate);
     free(rt->up);
-    for (int t = 0; rt->lora_tmp && t < rt->threads; t++)
-        free(rt->lora_tmp[t]);
-    free(rt->lora_tmp);
     free(rt->out);
     free(rt->slots);
     free(rt->slot_gen);
@@ -164,54 +158,46 @@ typedef struct {
     const float *h;
     float *out;
     int in, od;
-    int shrink_tasks, expand_tasks; /* per row */
+    int shrink_tasks, expand_tasks; /* per row group */
 } xp_lora_job;
 
-static const xp_lora_mat *xp_lora_row(const xp_lora_job *j, int row)
+static const xp_lora_mat *xp_lora_group(const xp_lora_job *j, int gi)
 {
-    const xp_row_group *g = j->b->groups;
-    while (row >= g->row0 + g->nrows)
-        g++;
-    return g->slot >= 0 ? xp_lora_get(j->rt->slots[g->slot], j->layer, j->mod) : NULL;
+    const xp_row_group *g = &j->b->groups[gi];
+    return g->slot >= 0 && g->nrows ? xp_lora_get(j->rt->slots[g->slot], j->layer, j->mod) : NULL;
 }
 
-/* t[row, k] = scale A_k . h_row, for a few k of one row. */
+/* t[row, k] = scale A_k . h_row for a few k and every row of one group: A is the weight of a
+ * small matrix product, so the rows share each load of it. */
 static void xp_lora_shrink_task(void *ctx, int task, int thread)
 {
     const xp_lora_job *j = ctx;
-    int row = task / j->shrink_tasks, k0 = task % j->shrink_tasks * XP_LORA_SHRINK_K;
-    const xp_lora_mat *lm = xp_lora_row(j, row);
-    if (!lm) return;
-    const float *hi = j->h + (size_t)row * j->in;
-    float *t = j->rt->lora_t + (size_t)row * XP_MAX_LORA_RANK;
-    for (int k = k0; k < lm->rank && k < k0 + XP_LORA_SHRINK_K; k++)
-        t[k] =
-            lm->scale * (lm->dtype == XP_BF16
-                             ? xp_dot_bf16((const uint16_t *)lm->A + (size_t)k * j->in, hi, j->in)
-                             : xp_dot((const float *)lm->A + (size_t)k * j->in, hi, j->in));
+    int gi = task / j->shrink_tasks, k0 = task % j->shrink_tasks * XP_LORA_SHRINK_K;
+    const xp_lora_mat *lm = xp_lora_group(j, gi);
+    if (!lm || k0 >= lm->rank) return;
+    const xp_row_group *g = &j->b->groups[gi];
+    int k1 = k0 + XP_LORA_SHRINK_K < lm->rank ? k0 + XP_LORA_SHRINK_K : lm->rank;
+    xp_linear A = {.dtype = lm->dtype, .w = lm->A, .rows = lm->rank, .cols = j->in};
+    float *t = j->rt->lora_t + (size_t)g->row0 * XP_MAX_LORA_RANK;
+    xp_linear_rows(&A, k0, k1, j->h + (size_t)g->row0 * j->in, g->nrows, t, XP_MAX_LORA_RANK,
+                   j->rt->scratch[thread]);
+    for (int i = 0; i < g->nrows; i++)
+        for (int k = k0; k < k1; k++)
+            t[(size_t)i * XP_MAX_LORA_RANK + k] *= lm->scale;
 }
 
-/* out[row, o] += sum_k t[row, k] Bt[k, o] for a run of outputs of one row: summed in k order and
- * added once, so each output element sees the same operations whatever the batch and split. */
+/* out[row, o] += sum_k t[row, k] Bt[k, o] for a run of outputs and every row of one group. */
 static void xp_lora_expand_task(void *ctx, int task, int thread)
 {
     const xp_lora_job *j = ctx;
-    int row = task / j->expand_tasks, o0 = task % j->expand_tasks * XP_LORA_EXPAND_O;
-    const xp_lora_mat *lm = xp_lora_row(j, row);
+    int gi = task / j->expand_tasks, o0 = task % j->expand_tasks * XP_LORA_EXPAND_O;
+    const xp_lora_mat *lm = xp_lora_group(j, gi);
     if (!lm) return;
+    const xp_row_group *g = &j->b->groups[gi];
     int len = j->od - o0 < XP_LORA_EXPAND_O ? j->od - o0 : XP_LORA_EXPAND_O;
-    const float *t = j->rt->lora_t + (size_t)row * XP_MAX_LORA_RANK;
-    float *acc = j->rt->lora_tmp[thread], *oi = j->out + (size_t)row * j->od + o0;
-    memset(acc, 0, (size_t)len * sizeof *acc);
-    for (int k = 0; k < lm->rank; k++) {
-        size_t at = (size_t)k * j->od + o0;
-        if (lm->dtype == XP_BF16)
-            xp_axpy_bf16(t[k], (const uint16_t *)lm->Bt + at, acc, len);
-        else
-            xp_axpy(t[k], (const float *)lm->Bt + at, acc, len);
-    }
-    for (int o = 0; o < len; o++)
-        oi[o] += acc[o];
+    xp_lora_expand(lm->Bt, lm->dtype == XP_BF16, j->od, lm->rank,
+                   j->rt->lora_t + (size_t)g->row0 * XP_MAX_LORA_RANK, XP_MAX_LORA_RANK, g->nrows,
+                   j->out + (size_t)g->row0 * j->od, j->od, o0, len);
 }
 
 /* out[n, out_dim] = h W^T, plus each adapter's scale * (h A^T) B^T on its rows. */
@@ -220,16 +206,15 @@ static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_modu
 {
     const xp_linear *l = &rt->m->layers[layer].lin[mod];
     xp_linear_forward(rt->pool, rt->scratch, l, h, b->n, out);
-    int any = 0;
-    for (int gi = 0; gi < b->n_groups && !any; gi++)
-        any = b->groups[gi].slot >= 0 && b->groups[gi].nrows &&
-              xp_lora_get(rt->slots[b->groups[gi].slot], layer, mod);
-    if (!any) return;
-    /* shrink then expand, each split finely enough that a single row keeps every thread busy */
     int max_rank = 0;
-    for (int gi = 0; gi < b->n_groups; gi++)
-        if (b->groups[gi].slot >= 0 && rt->slots[b->groups[gi].slot]->max_rank > max_rank)
-            max_rank = rt->slots[b->groups[gi].slot]->max_rank;
+    for (int gi = 0; gi < b->n_groups; gi++) {
+        const xp_row_group *g = &b->groups[gi];
+        const xp_lora_mat *lm =
+            g->slot >= 0 && g->nrows ? xp_lora_get(rt->slots[g->slot], layer, mod) : NULL;
+        if (lm && lm->rank > max_rank) max_rank = lm->rank;
+    }
+    if (!max_rank) return;
+    /* shrink then expand, each split finely enough that a single row keeps every thread busy */
     xp_lora_job j = {rt,
                      b,
                      layer,
@@ -240,8 +225,8 @@ static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_modu
                      (int)l->rows,
                      (max_rank + XP_LORA_SHRINK_K - 1) / XP_LORA_SHRINK_K,
                      ((int)l->rows + XP_LORA_EXPAND_O - 1) / XP_LORA_EXPAND_O};
-    xp_pool_run(rt->pool, b->n * j.shrink_tasks, xp_lora_shrink_task, &j);
-    xp_pool_run(rt->pool, b->n * j.expand_tasks, xp_lora_expand_task, &j);
+    xp_pool_run(rt->pool, b->n_groups * j.shrink_tasks, xp_lora_shrink_task, &j);
+    xp_pool_run(rt->pool, b->n_groups * j.expand_tasks, xp_lora_expand_task, &j);
 }
 
 typedef struct {

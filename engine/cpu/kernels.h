@@ -34,6 +34,21 @@ void xp_axpy_bf16_ref(float a, const uint16_t *x, float *y, int64_t n);
 /* Scratch one thread of xp_linear_forward needs, in floats, for weights up to max_cols wide. */
 size_t xp_linear_scratch_floats(int64_t max_cols);
 
+/* y[i * ldy + r] = x_i . W_r for weight rows [r0, r1) and n rows of x (stride cols), on the
+ * calling thread, with scratch of xp_linear_scratch_floats(l->cols) floats: the same bits
+ * xp_linear_forward gives for those elements. */
+void xp_linear_rows(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y,
+                    int64_t ldy, float *scratch);
+
+/* The LoRA expand for n rows: out[i * ldo + o] += sum over k < rank of t[i * ldt + k] *
+ * Bt[k * ldb + o] for o in [o0, o0 + len), Bt BF16 or F32. Each element is summed in k order
+ * from zero and added once (the vector levels fuse each multiply-add, as xp_axpy does), so a
+ * row's outputs do not depend on the other rows. */
+void xp_lora_expand(const void *bt, int bf16, int64_t ldb, int rank, const float *t, int64_t ldt,
+                    int n, float *out, int64_t ldo, int64_t o0, int64_t len);
+void xp_lora_expand_ref(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
+                        int64_t ldt, int n, float *out, int64_t ldo, int64_t o0, int64_t len);
+
 /* y[n, rows] = x[n, cols] W^T, split over the pool by output rows. scratch[t] is thread t's
  * buffer of xp_linear_scratch_floats(cols) floats. FP8 and BF16 weights are decoded a
  * cache-sized tile at a time, never materialized whole. Each y element is one xp_dot, so results

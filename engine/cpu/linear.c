@@ -25,6 +25,7 @@ static const xp_simd xp_simd_avx2 = {.dot = xp_dot_avx2,
                                      .fused_rows = xp_fused_rows_avx2,
                                      .decode_row = xp_decode_row_avx2,
                                      .axpy = xp_axpy_avx2,
+                                     .lora_expand = xp_lora_expand_avx2,
                                      .dot_bf16 = xp_dot_bf16_avx2,
                                      .axpy_bf16 = xp_axpy_bf16_avx2,
                                      .fp8_chunk = 8};
@@ -33,6 +34,7 @@ static const xp_simd xp_simd_avx512 = {.dot = xp_dot_avx512,
                                        .fused_rows = xp_fused_rows_avx512,
                                        .decode_row = xp_decode_row_avx512,
                                        .axpy = xp_axpy_avx512,
+                                       .lora_expand = xp_lora_expand_avx512,
                                        .dot_bf16 = xp_dot_bf16_avx512,
                                        .axpy_bf16 = xp_axpy_bf16_avx512,
                                        .fp8_chunk = 16};
@@ -188,25 +190,56 @@ static const xp_simd *xp_fused_kernel(const xp_linear *l)
     return k;
 }
 
+void xp_linear_rows(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y,
+                    int64_t ldy, float *scratch)
+{
+    const xp_simd *k = n <= 4 ? xp_fused_kernel(l) : NULL;
+    if (k) {
+        k->fused_rows(l, r0, r1, x, n, y, ldy);
+        return;
+    }
+    k = xp_simd_get();
+    void (*tiles)(const float *, int64_t, const float *, int, int64_t, float *, int64_t, int64_t) =
+        k ? k->tile_rows : xp_tile_rows_ref;
+    if (l->dtype == XP_F32) {
+        tiles((const float *)l->w + r0 * l->cols, r1 - r0, x, n, l->cols, y, ldy, r0);
+        return;
+    }
+    /* decoded a scratch-full at a time: each element's sum is the same however the rows split */
+    int64_t per = (int64_t)xp_linear_scratch_floats(l->cols) / (l->cols > 0 ? l->cols : 1);
+    for (int64_t a = r0; a < r1; a += per) {
+        int64_t b = a + per < r1 ? a + per : r1;
+        for (int64_t r = a; r < b; r++)
+            xp_decode_row(l, r, scratch + (r - a) * l->cols);
+        tiles(scratch, b - a, x, n, l->cols, y, ldy, a);
+    }
+}
+
 static void xp_linear_task(void *ctx, int task, int thread)
 {
     const xp_linear_job *j = ctx;
     const xp_linear *l = j->l;
     int64_t r0 = (int64_t)task * j->tile, r1 = r0 + j->tile < l->rows ? r0 + j->tile : l->rows;
-    const xp_simd *k = j->n <= 4 ? xp_fused_kernel(l) : NULL;
-    if (k) {
-        k->fused_rows(l, r0, r1, j->x, j->n, j->y);
-        return;
-    }
-    k = xp_simd_get();
-    const float *w = (const float *)l->w + r0 * l->cols;
-    if (l->dtype != XP_F32) {
-        float *buf = j->scratch[thread];
-        for (int64_t r = r0; r < r1; r++)
-            xp_decode_row(l, r, buf + (r - r0) * l->cols);
-        w = buf;
-    }
-    (k ? k->tile_rows : xp_tile_rows_ref)(w, r1 - r0, j->x, j->n, l->cols, j->y, l->rows, r0);
+    xp_linear_rows(l, r0, r1, j->x, j->n, j->y, l->rows, j->scratch[thread]);
+}
+
+void xp_lora_expand_ref(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
+                        int64_t ldt, int n, float *out, int64_t ldo, int64_t o0, int64_t len)
+{
+    for (int i = 0; i < n; i++)
+        for (int64_t o = o0; o < o0 + len; o++) {
+            float acc = 0;
+            for (int k = 0; k < rank; k++)
+                acc += t[i * ldt + k] * xp_load1(bt, k * ldb + o, bf16);
+            out[i * ldo + o] += acc;
+        }
+}
+
+void xp_lora_expand(const void *bt, int bf16, int64_t ldb, int rank, const float *t, int64_t ldt,
+                    int n, float *out, int64_t ldo, int64_t o0, int64_t len)
+{
+    const xp_simd *k = xp_simd_get();
+    (k ? k->lora_expand : xp_lora_expand_ref)(bt, bf16, ldb, rank, t, ldt, n, out, ldo, o0, len);
 }
 
 void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const float *x, int n,

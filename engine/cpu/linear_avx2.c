@@ -139,6 +139,7 @@ XP_AVX2 static inline float xp_hsum256(__m256 v)
 #define XN(name) xp_##name##_avx2
 #define XZERO() _mm256_setzero_ps()
 #define XLOAD(p) _mm256_loadu_ps(p)
+#define XSTORE(p, v) _mm256_storeu_ps(p, v)
 #define XSET1(f) _mm256_set1_ps(f)
 #define XFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define XHSUM(v) xp_hsum256(v)

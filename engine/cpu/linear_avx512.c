@@ -140,6 +140,7 @@ XP_AVX512 static inline float xp_hsum512(__m512 v)
 #define XN(name) xp_##name##_avx512
 #define XZERO() _mm512_setzero_ps()
 #define XLOAD(p) _mm512_loadu_ps(p)
+#define XSTORE(p, v) _mm512_storeu_ps(p, v)
 #define XSET1(f) _mm512_set1_ps(f)
 #define XFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define XHSUM(v) xp_hsum512(v)

@@ -125,10 +125,11 @@ XN_FUSED(2, 4, XSRC_BF16, bf16_2x4)
 typedef void (*XN(fused_fn))(const void *const *, const float *const *, int64_t,
                              const float *const *, int64_t, float *);
 
-/* y[i, r] for weight rows [r0, r1) of l and n <= 4 input rows x (stride l->cols), y with row
- * stride l->rows. FP8 blocks must be a multiple of XW columns wide with fast scales, so no chunk
- * straddles two scales. */
-XT void XN(fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y)
+/* y[i * ldy + r] for weight rows [r0, r1) of l and n <= 4 input rows x (stride l->cols). FP8
+ * blocks must be a multiple of XW columns wide with fast scales, so no chunk straddles two
+ * scales. */
+XT void XN(fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y,
+                       int64_t ldy)
 {
     int fp8 = l->dtype == XP_F8_E4M3;
     int mr = n == 1 ? 4 : n == 2 ? 4 : 2, nr = n <= 2 ? n : 4;
@@ -152,6 +153,60 @@ XT void XN(fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *
         f(wr, sr, l->bc, xr, k, out);
         for (int a = 0; a < mr && r + a < r1; a++)
             for (int q = 0; q < n; q++)
-                y[(size_t)q * (size_t)l->rows + (size_t)(r + a)] = out[a * nr + q];
+                y[(size_t)q * (size_t)ldy + (size_t)(r + a)] = out[a * nr + q];
     }
+}
+
+/* out[i * ldo + o] += sum over k < rank of t[i * ldt + k] * Bt[k * ldb + o], o in [o0, o0 + len),
+ * for n rows (the LoRA expand): each element summed in k order with fused multiply-adds from
+ * zero, then added once, as xp_axpy would; two chunks of outputs by four rows share each load. */
+XT __attribute__((always_inline)) static inline void
+XN(expand_n)(const void *bt, const int bf16, int64_t ldb, int rank, const float *t, int64_t ldt,
+             int n, float *out, int64_t ldo, int64_t o0, int64_t len)
+{
+    int64_t o = o0, end = o0 + len;
+    for (; o + 2 * XW <= end; o += 2 * XW)
+        for (int i0 = 0; i0 < n; i0 += 4) {
+            XV acc[2][4];
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[0][i] = acc[1][i] = XZERO();
+            for (int k = 0; k < rank; k++) {
+                XV b0, b1;
+                if (bf16) {
+                    b0 = XBF16((const uint16_t *)bt + k * ldb + o);
+                    b1 = XBF16((const uint16_t *)bt + k * ldb + o + XW);
+                } else {
+                    b0 = XLOAD((const float *)bt + k * ldb + o);
+                    b1 = XLOAD((const float *)bt + k * ldb + o + XW);
+                }
+                _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++)
+                {
+                    XV tk = XSET1(t[(i0 + i < n ? i0 + i : n - 1) * ldt + k]);
+                    acc[0][i] = XFMA(tk, b0, acc[0][i]);
+                    acc[1][i] = XFMA(tk, b1, acc[1][i]);
+                }
+            }
+            for (int i = 0; i < 4 && i0 + i < n; i++) {
+                float *oi = out + (i0 + i) * ldo + o, sum[2 * XW];
+                XSTORE(sum, acc[0][i]);
+                XSTORE(sum + XW, acc[1][i]);
+                for (int q = 0; q < 2 * XW; q++)
+                    oi[q] += sum[q];
+            }
+        }
+    for (; o < end; o++)
+        for (int i = 0; i < n; i++) {
+            float acc = 0;
+            for (int k = 0; k < rank; k++)
+                acc = fmaf(t[i * ldt + k], XN(wcol)(bt, NULL, 0, k * ldb + o, bf16), acc);
+            out[i * ldo + o] += acc;
+        }
+}
+
+XT void XN(lora_expand)(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
+                        int64_t ldt, int n, float *out, int64_t ldo, int64_t o0, int64_t len)
+{
+    if (bf16)
+        XN(expand_n)(bt, 1, ldb, rank, t, ldt, n, out, ldo, o0, len);
+    else
+        XN(expand_n)(bt, 0, ldb, rank, t, ldt, n, out, ldo, o0, len);
 }

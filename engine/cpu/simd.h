@@ -20,8 +20,12 @@ typedef struct {
      * row stride k), y with row stride ldy */
     void (*tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t k, float *y,
                       int64_t ldy, int64_t r0);
-    /* y[i, r] for weight rows [r0, r1) and n <= 4 x rows, decoding W in registers */
-    void (*fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y);
+    /* y[i * ldy + r] for weight rows [r0, r1) and n <= 4 x rows, decoding W in registers */
+    void (*fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y,
+                       int64_t ldy);
+    /* xp_lora_expand (kernels.h) */
+    void (*lora_expand)(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
+                        int64_t ldt, int n, float *out, int64_t ldo, int64_t o0, int64_t len);
     void (*decode_row)(const xp_linear *l, int64_t r, float *dst);
     void (*axpy)(float a, const float *x, float *y, int64_t n);
     /* the same two with BF16 weights (LoRA factors as stored) */
@@ -34,7 +38,9 @@ float xp_dot_avx2(const float *a, const float *b, int64_t n);
 void xp_tile_rows_avx2(const float *w, int64_t nw, const float *x, int n, int64_t k, float *y,
                        int64_t ldy, int64_t r0);
 void xp_fused_rows_avx2(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n,
-                        float *y);
+                        float *y, int64_t ldy);
+void xp_lora_expand_avx2(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
+                        int64_t ldt, int n, float *out, int64_t ldo, int64_t o0, int64_t len);
 void xp_decode_row_avx2(const xp_linear *l, int64_t r, float *dst);
 void xp_axpy_avx2(float a, const float *x, float *y, int64_t n);
 float xp_dot_bf16_avx2(const uint16_t *a, const float *b, int64_t n);
@@ -44,7 +50,9 @@ float xp_dot_avx512(const float *a, const float *b, int64_t n);
 void xp_tile_rows_avx512(const float *w, int64_t nw, const float *x, int n, int64_t k, float *y,
                          int64_t ldy, int64_t r0);
 void xp_fused_rows_avx512(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n,
-                          float *y);
+                        float *y, int64_t ldy);
+void xp_lora_expand_avx512(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
+                        int64_t ldt, int n, float *out, int64_t ldo, int64_t o0, int64_t len);
 void xp_decode_row_avx512(const xp_linear *l, int64_t r, float *dst);
 void xp_axpy_avx512(float a, const float *x, float *y, int64_t n);
 float xp_dot_bf16_avx512(const uint16_t *a, const float *b, int64_t n);

@@ -346,6 +346,50 @@ static void test_blocked_kernels_scalar(void **state)
     xp_cpu_force_scalar(0);
 }
 
+/* The blocked LoRA expand gives, row by row, the bits of the per-row form it replaced (an F32
+ * run summed with xp_axpy / xp_axpy_bf16 over k, then added once), at every level, for ragged
+ * row counts, ranks, output runs and offsets. */
+static void test_lora_expand_matches_axpy_form(void **state)
+{
+    tu_rng r;
+    tu_rng_seed(&r, 77);
+    enum { OD = 300, ROWS = 9, RANK = 17 };
+    static float t[ROWS * 20], bt[RANK * OD], out[ROWS * OD], want[ROWS * OD], acc[OD];
+    static uint16_t bth[RANK * OD];
+    for (int i = 0; i < RANK * OD; i++) {
+        bth[i] = xp_f32_to_bf16((float)tu_rng_normal(&r));
+        bt[i] = (float)tu_rng_normal(&r);
+    }
+    for (int i = 0; i < ROWS * 20; i++)
+        t[i] = (float)tu_rng_normal(&r);
+    for (int scalar = 0; scalar < 2; scalar++) {
+        xp_cpu_force_scalar(scalar);
+        for (int bf16 = 0; bf16 < 2; bf16++)
+            for (int n = 1; n <= ROWS; n += 2)
+                for (int rank = 1; rank <= RANK; rank += 4)
+                    for (int o0 = 0; o0 < 40; o0 += 13)
+                        for (int len = 1; o0 + len <= OD; len += 37) {
+                            for (int i = 0; i < ROWS * OD; i++)
+                                out[i] = want[i] = (float)(i % 7) - 3.0f;
+                            xp_lora_expand(bf16 ? (const void *)bth : bt, bf16, OD, rank, t, 20,
+                                           n, out, OD, o0, len);
+                            for (int i = 0; i < n; i++) {
+                                memset(acc, 0, sizeof acc);
+                                for (int k = 0; k < rank; k++) {
+                                    if (bf16)
+                                        xp_axpy_bf16(t[i * 20 + k], bth + k * OD + o0, acc, len);
+                                    else
+                                        xp_axpy(t[i * 20 + k], bt + k * OD + o0, acc, len);
+                                }
+                                for (int o = 0; o < len; o++)
+                                    want[i * OD + o0 + o] += acc[o];
+                            }
+                            assert_memory_equal(out, want, sizeof out);
+                        }
+    }
+    xp_cpu_force_scalar(0);
+}
+
 static void inc(void *ctx, int task, int thread)
 {
     int *hits = ctx;
@@ -407,6 +451,7 @@ int main(void)
         cmocka_unit_test(test_scalar_fallback),
         cmocka_unit_test(test_blocked_kernels_match_reference_and_are_batch_invariant),
         cmocka_unit_test(test_blocked_kernels_scalar),
+        cmocka_unit_test(test_lora_expand_matches_axpy_form),
         cmocka_unit_test(test_pool_runs_every_task_once),
         cmocka_unit_test(test_pool_back_to_back_calls),
     };
