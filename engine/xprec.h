@@ -25,6 +25,8 @@ typedef struct {
     int prefill_chunk;   /* token rows per step; 0 = 256 */
     const char *backend; /* "cpu" (default), "cuda", or "auto" (CUDA when built in and a GPU
                             is present, else CPU); NULL: $XPREC_BACKEND, else "cpu" */
+    const char *kv_dtype; /* KV cache element: "bf16", "f32" or "fp8"; NULL: the backend's
+                             default (CPU: $XPREC_KV_DTYPE, else bf16) */
 } xp_engine_opts;
 
 #define XP_MAX_TOP_LOGPROBS 20

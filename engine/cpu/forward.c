@@ -5,6 +5,7 @@
  *              h = rmsnorm(x); x += down(silu(gate(h)) * up(h))
  *   logits = rmsnorm(x) lm_head^T, for the rows asked for. */
 #include "cpu/forward.h"
+#include "cpu/attention.h"
 #include "cpu/kernels.h"
 #include "cpu/kv_store.h"
 #include "cpu/ops.h"
@@ -29,7 +30,8 @@ struct xp_runtime {
     uint32_t *slot_gen;
     int threads, max_rows, max_ctx;
     float **scratch;     /* per thread, for the linear kernels */
-    float **att_scratch; /* per thread, attention scores */
+    float **att_scratch; /* per thread, attention's tile */
+    xp_att_tile *tiles;  /* [max_rows] */
     float *lora_t;       /* [max_rows, XP_MAX_LORA_RANK]: each row's shrunk input */
     float *x, *h, *q, *k, *v, *att, *gate, *up, *out;
 };
@@ -43,8 +45,10 @@ xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *
 {
     const xp_qwen3_config *g = &m->cfg;
     int max_rows = o->max_rows, max_ctx = o->max_ctx;
-    int kv_width = g->num_key_value_heads * g->head_dim;
-    size_t per = xp_kv_store_block_bytes(g->num_hidden_layers, kv_width);
+    xp_kv_type kt;
+    if (xp_kv_type_parse(o->kv_dtype, &kt) < 0) return NULL;
+    size_t per = xp_kv_store_block_bytes(kt, g->num_hidden_layers, g->num_key_value_heads,
+                                         g->head_dim);
     int64_t nb = o->kv_blocks > 0 ? o->kv_blocks : (int64_t)(o->kv_bytes / per);
     if (nb > 1 << 24) nb = 1 << 24;
     if (nb < 1) {
@@ -57,7 +61,8 @@ xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *
     rt->m = m;
     rt->max_rows = max_rows;
     rt->max_ctx = max_ctx;
-    if (xp_kv_store_init(&rt->kv, g->num_hidden_layers, kv_width, (int)nb) < 0) {
+    if (xp_kv_store_init(&rt->kv, kt, g->num_hidden_layers, g->num_key_value_heads, g->head_dim,
+                         (int)nb) < 0) {
         xp_runtime_destroy(rt);
         return NULL;
     }
@@ -81,14 +86,13 @@ xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *
     if (!rt->scratch || !rt->att_scratch) goto oom;
     for (int t = 0; t < rt->threads; t++) {
         rt->scratch[t] = xp_falloc(xp_linear_scratch_floats(maxc));
-        /* attention: a KV group's scores and their sums */
-        int group = g->num_attention_heads / g->num_key_value_heads;
-        rt->att_scratch[t] = xp_falloc((size_t)group * ((size_t)max_ctx + 1));
+        rt->att_scratch[t] = xp_falloc(xp_attention_scratch_floats(g));
         if (!rt->scratch[t] || !rt->att_scratch[t]) goto oom;
     }
     size_t n = (size_t)max_rows, qd = (size_t)g->num_attention_heads * (size_t)g->head_dim,
            kvd = (size_t)g->num_key_value_heads * (size_t)g->head_dim;
     rt->lora_t = xp_falloc(n * XP_MAX_LORA_RANK);
+    rt->tiles = malloc(n * sizeof *rt->tiles);
     rt->x = xp_falloc(n * (size_t)g->hidden_size);
     rt->h = xp_falloc(n * (size_t)g->hidden_size);
     rt->q = xp_falloc(n * qd);
@@ -100,7 +104,7 @@ xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *
 
     rt->out = xp_falloc(n * (size_t)(g->hidden_size > g->intermediate_size ? g->hidden_size
                                                                            : g->intermediate_size));
-    if (!rt->lora_t || !rt->x || !rt->h || !rt->q || !rt->k || !rt->v || !rt->att || !rt->gate ||
+    if (!rt->lora_t || !rt->tiles || !rt->x || !rt->h || !rt->q || !rt->k || !rt->v || !rt->att || !rt->gate ||
         !rt->up || !rt->out)
         goto oom;
     *kv_blocks = rt->kv.n_blocks;
@@ -121,6 +125,7 @@ void xp_runtime_destroy(xp_runtime *rt)
     free(rt->scratch);
     free(rt->att_scratch);
     free(rt->lora_t);
+    free(rt->tiles);
     free(rt->x);
     free(rt->h);
     free(rt->q);
@@ -229,52 +234,6 @@ static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_modu
     xp_pool_run(rt->pool, b->n_groups * j.expand_tasks, xp_lora_expand_task, &j);
 }
 
-typedef struct {
-    xp_runtime *rt;
-    const xp_batch *b;
-    int layer;
-} xp_att_job;
-
-/* One (row, KV head): softmax(q k^T / sqrt(d)) v over the row's positions 0..pos for each query
- * head of the group, in one pass over the shared K and V rows (GQA: read once, not once per
- * query head). Each head's numbers go through the same operations as it would alone. */
-static void xp_attention_task(void *ctx, int task, int thread)
-{
-    const xp_att_job *j = ctx;
-    xp_runtime *rt = j->rt;
-    const xp_qwen3_config *g = &rt->m->cfg;
-    int H = g->num_attention_heads, KV = g->num_key_value_heads, d = g->head_dim, group = H / KV;
-    int row = task / KV, kvh = task % KV, pos = j->b->pos[row], np = pos + 1;
-    const float *q = rt->q + ((size_t)row * H + (size_t)kvh * group) * d;
-    float *o = rt->att + ((size_t)row * H + (size_t)kvh * group) * d;
-    const int32_t *table = j->b->tables[row];
-    /* scratch: scores [group][np], then each head's 1/sum */
-    float *sc = rt->att_scratch[thread], *inv = sc + (size_t)group * np;
-    float scale = 1.0f / sqrtf((float)d);
-    for (int p = 0; p < np; p++) {
-        const float *k = xp_kv_k(&rt->kv, table, j->layer, p) + (size_t)kvh * d;
-        for (int h = 0; h < group; h++)
-            sc[(size_t)h * np + p] = xp_dot(q + (size_t)h * d, k, d) * scale;
-    }
-    for (int h = 0; h < group; h++) {
-        float *s = sc + (size_t)h * np, mx = -INFINITY;
-        for (int p = 0; p < np; p++)
-            if (s[p] > mx) mx = s[p];
-        double sum = 0;
-        for (int p = 0; p < np; p++) {
-            s[p] = expf(s[p] - mx);
-            sum += s[p];
-        }
-        inv[h] = (float)(1.0 / sum);
-    }
-    memset(o, 0, (size_t)group * d * sizeof *o);
-    for (int p = 0; p < np; p++) {
-        const float *v = xp_kv_v(&rt->kv, table, j->layer, p) + (size_t)kvh * d;
-        for (int h = 0; h < group; h++)
-            xp_axpy(sc[(size_t)h * np + p] * inv[h], v, o + (size_t)h * d, d);
-    }
-}
-
 static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
 {
     const xp_qwen3_config *g = &rt->m->cfg;
@@ -298,13 +257,11 @@ static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
             xp_rmsnorm(k, L->k_norm, d, eps, k);
             xp_rope(k, d, b->pos[i], rt->m->inv_freq);
         }
-        memcpy(xp_kv_k(&rt->kv, b->tables[i], layer, b->pos[i]), rt->k + (size_t)i * KV * d,
-               (size_t)KV * d * sizeof(float));
-        memcpy(xp_kv_v(&rt->kv, b->tables[i], layer, b->pos[i]), rt->v + (size_t)i * KV * d,
-               (size_t)KV * d * sizeof(float));
+        xp_kv_store_put(&rt->kv, b->tables[i], layer, b->pos[i], rt->k + (size_t)i * KV * d,
+                        rt->v + (size_t)i * KV * d);
     }
-    xp_att_job j = {rt, b, layer};
-    xp_pool_run(rt->pool, n * KV, xp_attention_task, &j);
+    xp_attention(rt->pool, rt->att_scratch, rt->scratch, &rt->kv, g, b, layer, rt->q, rt->att,
+                 rt->tiles);
     xp_linear_lora(rt, b, layer, XP_MOD_O, rt->att, rt->out);
     for (size_t i = 0; i < (size_t)n * hid; i++)
         rt->x[i] += rt->out[i];

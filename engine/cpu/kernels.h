@@ -49,6 +49,10 @@ void xp_lora_expand(const void *bt, int bf16, int64_t ldb, int rank, const float
 void xp_lora_expand_ref(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
                         int64_t ldt, int n, float *out, int64_t ldo, int64_t o0, int64_t len);
 
+/* s[p] = e^(s[p] - m) for p < n, m >= every s[p]; returns their sum, in p order. */
+float xp_exp_sum(float *s, int n, float m);
+float xp_exp_sum_ref(float *s, int n, float m);
+
 /* y[n, rows] = x[n, cols] W^T, split over the pool by output rows. scratch[t] is thread t's
  * buffer of xp_linear_scratch_floats(cols) floats. FP8 and BF16 weights are decoded a
  * cache-sized tile at a time, never materialized whole. Each y element is one xp_dot, so results

@@ -11,6 +11,7 @@
 
 #include <cpuid.h>
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,6 +27,7 @@ static const xp_simd xp_simd_avx2 = {.dot = xp_dot_avx2,
                                      .decode_row = xp_decode_row_avx2,
                                      .axpy = xp_axpy_avx2,
                                      .lora_expand = xp_lora_expand_avx2,
+                                     .exp_sum = xp_exp_sum_avx2,
                                      .dot_bf16 = xp_dot_bf16_avx2,
                                      .axpy_bf16 = xp_axpy_bf16_avx2,
                                      .fp8_chunk = 8};
@@ -35,6 +37,7 @@ static const xp_simd xp_simd_avx512 = {.dot = xp_dot_avx512,
                                        .decode_row = xp_decode_row_avx512,
                                        .axpy = xp_axpy_avx512,
                                        .lora_expand = xp_lora_expand_avx512,
+                                       .exp_sum = xp_exp_sum_avx512,
                                        .dot_bf16 = xp_dot_bf16_avx512,
                                        .axpy_bf16 = xp_axpy_bf16_avx512,
                                        .fp8_chunk = 16};
@@ -221,6 +224,20 @@ static void xp_linear_task(void *ctx, int task, int thread)
     const xp_linear *l = j->l;
     int64_t r0 = (int64_t)task * j->tile, r1 = r0 + j->tile < l->rows ? r0 + j->tile : l->rows;
     xp_linear_rows(l, r0, r1, j->x, j->n, j->y, l->rows, j->scratch[thread]);
+}
+
+float xp_exp_sum_ref(float *s, int n, float m)
+{
+    float sum = 0;
+    for (int p = 0; p < n; p++)
+        sum += s[p] = expf(s[p] - m);
+    return sum;
+}
+
+float xp_exp_sum(float *s, int n, float m)
+{
+    const xp_simd *k = xp_simd_get();
+    return k ? k->exp_sum(s, n, m) : xp_exp_sum_ref(s, n, m);
 }
 
 void xp_lora_expand_ref(const void *bt, int bf16, int64_t ldb, int rank, const float *t,

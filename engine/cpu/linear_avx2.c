@@ -133,6 +133,26 @@ XP_AVX2 static inline float xp_hsum256(__m256 v)
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
+/* e^x for x <= 0 (softmax terms), Cephes' single-precision range reduction and polynomial:
+ * within 2 ulp; below -87 the result is 0 or tiny. */
+XP_AVX2 static inline __m256 xp_exp256(__m256 x)
+{
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 #define XV __m256
 #define XW 8
 #define XT XP_AVX2
@@ -143,6 +163,7 @@ XP_AVX2 static inline float xp_hsum256(__m256 v)
 #define XSET1(f) _mm256_set1_ps(f)
 #define XFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define XHSUM(v) xp_hsum256(v)
+#define XEXP(v) xp_exp256(v)
 #define XFP8(q, S) xp_fp8x8(q, S)
 #define XBF16(h) xp_bf16x8(h)
 /* 12 accumulators, 3 weight vectors and one input vector: the 16 registers */

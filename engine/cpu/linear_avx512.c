@@ -134,6 +134,25 @@ XP_AVX512 static inline float xp_hsum512(__m512 v)
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
+/* e^x for x <= 0, as xp_exp256 (linear_avx2.c) computes it. */
+XP_AVX512 static inline __m512 xp_exp512(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
 #define XV __m512
 #define XW 16
 #define XT XP_AVX512
@@ -144,6 +163,7 @@ XP_AVX512 static inline float xp_hsum512(__m512 v)
 #define XSET1(f) _mm512_set1_ps(f)
 #define XFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define XHSUM(v) xp_hsum512(v)
+#define XEXP(v) xp_exp512(v)
 #define XFP8(q, S) xp_fp8x16_512(q, S)
 #define XBF16(h) xp_bf16x16(h)
 /* 16 accumulators, 4 weight vectors and one input vector of the 32 registers */

@@ -210,3 +210,19 @@ XT void XN(lora_expand)(const void *bt, int bf16, int64_t ldb, int rank, const f
     else
         XN(expand_n)(bt, 0, ldb, rank, t, ldt, n, out, ldo, o0, len);
 }
+
+/* s[p] = e^(s[p] - m) for p < n, and their sum in p order (a softmax block's terms). */
+XT float XN(exp_sum)(float *s, int n, float m)
+{
+    float sum = 0;
+    for (int p0 = 0; p0 < n; p0 += XW) {
+        float buf[XW];
+        int len = n - p0 < XW ? n - p0 : XW;
+        for (int p = 0; p < XW; p++)
+            buf[p] = p < len ? s[p0 + p] : m;
+        XSTORE(buf, XEXP(XLOAD(buf) - XSET1(m)));
+        for (int p = 0; p < len; p++)
+            sum += s[p0 + p] = buf[p];
+    }
+    return sum;
+}

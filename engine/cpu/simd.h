@@ -31,6 +31,8 @@ typedef struct {
     /* the same two with BF16 weights (LoRA factors as stored) */
     float (*dot_bf16)(const uint16_t *a, const float *b, int64_t n);
     void (*axpy_bf16)(float a, const uint16_t *x, float *y, int64_t n);
+    /* xp_exp_sum (kernels.h) */
+    float (*exp_sum)(float *s, int n, float m);
     int fp8_chunk; /* lanes: FP8 block widths must be a multiple for fused_rows */
 } xp_simd;
 
@@ -41,6 +43,7 @@ void xp_fused_rows_avx2(const xp_linear *l, int64_t r0, int64_t r1, const float 
                         float *y, int64_t ldy);
 void xp_lora_expand_avx2(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
                         int64_t ldt, int n, float *out, int64_t ldo, int64_t o0, int64_t len);
+float xp_exp_sum_avx2(float *s, int n, float m);
 void xp_decode_row_avx2(const xp_linear *l, int64_t r, float *dst);
 void xp_axpy_avx2(float a, const float *x, float *y, int64_t n);
 float xp_dot_bf16_avx2(const uint16_t *a, const float *b, int64_t n);
@@ -53,6 +56,7 @@ void xp_fused_rows_avx512(const xp_linear *l, int64_t r0, int64_t r1, const floa
                         float *y, int64_t ldy);
 void xp_lora_expand_avx512(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
                         int64_t ldt, int n, float *out, int64_t ldo, int64_t o0, int64_t len);
+float xp_exp_sum_avx512(float *s, int n, float m);
 void xp_decode_row_avx512(const xp_linear *l, int64_t r, float *dst);
 void xp_axpy_avx512(float a, const float *x, float *y, int64_t n);
 float xp_dot_bf16_avx512(const uint16_t *a, const float *b, int64_t n);

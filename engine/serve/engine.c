@@ -65,7 +65,8 @@ xp_engine *xp_engine_create(const char *model_dir, const xp_engine_opts *opts)
                           .max_rows = e->o.prefill_chunk,
                           .max_ctx = g->max_position_embeddings,
                           .adapter_slots = e->o.max_adapters,
-                          .kv_bytes = e->o.kv_bytes};
+                          .kv_bytes = e->o.kv_bytes,
+                          .kv_dtype = e->o.kv_dtype};
     int blocks = 0;
     if (xp_backend_open(e->o.backend, e->model, &bo, &e->be, &e->rt, &blocks) < 0) goto fail;
     if (xp_kv_blocks_init(&e->kv, blocks) < 0) goto fail;
@@ -215,7 +216,8 @@ int xp_engine_context(const xp_engine *e)
 
 size_t xp_engine_kv_block_bytes(const xp_engine *e)
 {
-    return e->be->kv_block_bytes(e->model);
+    xp_backend_opts bo = {.kv_dtype = e->o.kv_dtype};
+    return e->be->kv_block_bytes(e->model, &bo);
 }
 
 uint64_t xp_engine_step_bytes(const xp_engine *e)

@@ -2,7 +2,11 @@
 tests/ref/st_numpy.py, following Hugging Face's modeling_qwen3 as documented: RMSNorm, per-head
 q_norm/k_norm before rotate-half RoPE, GQA, SwiGLU, tied or untied lm_head. FP8 weights are
 dequantized block by block; a PEFT adapter is merged as W + scale * B A. For parity tests only:
-it recomputes everything per call and holds the model in float64."""
+it recomputes everything per call and holds the model in float64.
+
+The KV cache is the one place the engine rounds on purpose: kv="bf16" (its default) or "fp8"
+rounds K (after norm and RoPE) and V as the engine stores them, so the reference is the model
+served with that cache; kv="f32" keeps them exact."""
 import json
 import math
 import os
@@ -13,7 +17,8 @@ import st_numpy as st
 
 
 class Model:
-    def __init__(self, model_dir, adapter_dir=None):
+    def __init__(self, model_dir, adapter_dir=None, kv="bf16"):
+        self.kv = kv
         self.cfg = json.load(open(os.path.join(model_dir, "config.json")))
         qc = self.cfg.get("quantization_config") or {}
         if qc.get("quant_method") == "fp8":
@@ -85,6 +90,7 @@ class Model:
             v = (h @ self.weight(p + "self_attn.v_proj.weight").T).reshape(n, KV, d)
             q = rope(rms(q, g("self_attn.q_norm.weight")))
             k = rope(rms(k, g("self_attn.k_norm.weight")))
+            k, v = kv_round(k, self.kv), kv_round(v, self.kv)
             rep = H // KV
             k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
             s = np.einsum("ihd,jhd->hij", q, k) / math.sqrt(d) + mask
@@ -99,3 +105,19 @@ class Model:
         x = rms(x, self.t["model.norm.weight"].array().astype(np.float64))
         head = "model.embed_tokens.weight" if c["tie_word_embeddings"] else "lm_head.weight"
         return x @ self.t[head].array().astype(np.float64).T
+
+
+def kv_round(x, kv):
+    """K or V [n, heads, d] as a KV cache of element type kv holds it: the float32 value rounded
+    to BF16, or to E4M3 after dividing by the row's amax / 448 (a scale per position and head,
+    as float32), then multiplied back."""
+    if kv == "f32":
+        return x
+    x32 = x.astype(np.float32)
+    if kv == "bf16":
+        return st.bf16_to_f32(st.f32_to_bf16(x32)).reshape(x.shape).astype(np.float64)
+    assert kv == "fp8", kv
+    amax = np.abs(x32).max(-1, keepdims=True)
+    s = np.where(amax > 0, amax / np.float32(448), np.float32(1)).astype(np.float32)
+    y = (x32 / s).astype(np.float32)
+    return (st.e4m3_round(y) * s).astype(np.float32).astype(np.float64)
