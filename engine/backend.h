@@ -51,6 +51,7 @@ typedef struct {
     int kv_blocks;     /* or an exact block count when > 0 */
     const char *kv_dtype; /* KV element: "f32", "bf16", "fp8", or NULL/"" for the backend's
                              default (the CPU's: $XPREC_KV_DTYPE, else bf16) */
+    int device;        /* a device backend's device index; 0: its default */
 } xp_backend_opts;
 
 typedef struct xp_backend xp_backend;
