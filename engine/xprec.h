@@ -31,6 +31,10 @@ typedef struct {
     const char *kv_dtype; /* KV cache element: "bf16", "f32" or "fp8"; NULL: the backend's
                              default (CPU: $XPREC_KV_DTYPE, else bf16) */
     int device;          /* CUDA device index; 0: $XPREC_CUDA_DEVICE, else the first */
+    const char *rope_scaling; /* a rope_scaling object (JSON) replacing config.json's, e.g.
+                                 {"rope_type":"yarn","factor":2,
+                                 "original_max_position_embeddings":32768}; "null" for plain
+                                 RoPE; NULL: the file's */
 } xp_engine_opts;
 
 #define XP_MAX_TOP_LOGPROBS 20

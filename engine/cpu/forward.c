@@ -33,6 +33,7 @@ struct xp_runtime {
     float **att_scratch; /* per thread, attention's tile */
     xp_att_tile *tiles;  /* [max_rows] */
     float *lora_t;       /* [max_rows, XP_MAX_LORA_RANK]: each row's shrunk input */
+    float *rope; /* [max_rows][head_dim]: each row's RoPE table */
     float *x, *h, *q, *k, *v, *att, *gate, *up, *out;
 };
 
@@ -93,6 +94,7 @@ xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *
            kvd = (size_t)g->num_key_value_heads * (size_t)g->head_dim;
     rt->lora_t = xp_falloc(n * XP_MAX_LORA_RANK);
     rt->tiles = malloc(n * sizeof *rt->tiles);
+    rt->rope = xp_falloc(n * (size_t)g->head_dim);
     rt->x = xp_falloc(n * (size_t)g->hidden_size);
     rt->h = xp_falloc(n * (size_t)g->hidden_size);
     rt->q = xp_falloc(n * qd);
@@ -104,8 +106,8 @@ xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *
 
     rt->out = xp_falloc(n * (size_t)(g->hidden_size > g->intermediate_size ? g->hidden_size
                                                                            : g->intermediate_size));
-    if (!rt->lora_t || !rt->tiles || !rt->x || !rt->h || !rt->q || !rt->k || !rt->v || !rt->att || !rt->gate ||
-        !rt->up || !rt->out)
+    if (!rt->lora_t || !rt->tiles || !rt->rope || !rt->x || !rt->h || !rt->q || !rt->k ||
+        !rt->v || !rt->att || !rt->gate || !rt->up || !rt->out)
         goto oom;
     *kv_blocks = rt->kv.n_blocks;
     return rt;
@@ -126,6 +128,7 @@ void xp_runtime_destroy(xp_runtime *rt)
     free(rt->att_scratch);
     free(rt->lora_t);
     free(rt->tiles);
+    free(rt->rope);
     free(rt->x);
     free(rt->h);
     free(rt->q);
@@ -250,12 +253,12 @@ static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
         for (int hh = 0; hh < H; hh++) {
             float *q = rt->q + ((size_t)i * H + hh) * d;
             xp_rmsnorm(q, L->q_norm, d, eps, q);
-            xp_rope(q, d, b->pos[i], rt->m->inv_freq);
+            xp_rope(q, d, rt->rope + (size_t)i * d);
         }
         for (int hh = 0; hh < KV; hh++) {
             float *k = rt->k + ((size_t)i * KV + hh) * d;
             xp_rmsnorm(k, L->k_norm, d, eps, k);
-            xp_rope(k, d, b->pos[i], rt->m->inv_freq);
+            xp_rope(k, d, rt->rope + (size_t)i * d);
         }
         xp_kv_store_put(&rt->kv, b->tables[i], layer, b->pos[i], rt->k + (size_t)i * KV * d,
                         rt->v + (size_t)i * KV * d);
@@ -304,6 +307,8 @@ int xp_forward(xp_runtime *rt, const xp_batch *b)
         if (b->pos[i] < 0 || b->pos[i] >= rt->max_ctx)
             return xp_fail("position %d is outside the context (%d)", b->pos[i], rt->max_ctx);
         xp_linear_row(&rt->m->embed, b->tokens[i], rt->x + (size_t)i * hid);
+        xp_rope_table(b->pos[i], rt->m->inv_freq, g->head_dim,
+                      rt->rope + (size_t)i * g->head_dim);
     }
     for (int l = 0; l < g->num_hidden_layers; l++) {
         xp_attention_block(rt, b, l);

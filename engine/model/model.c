@@ -68,7 +68,7 @@ static float *xp_load_norm(const xp_ckpt *c, const char *name)
     return f;
 }
 
-int xp_model_load(const char *dir, xp_model **out)
+int xp_model_load(const char *dir, const xp_model_opts *o, xp_model **out)
 {
     *out = NULL;
     xp_model *m = calloc(1, sizeof *m);
@@ -79,11 +79,12 @@ int xp_model_load(const char *dir, xp_model **out)
     }
     const xp_qwen3_config *g = &m->cfg;
     m->cfg = m->ckpt->cfg;
+    if (o && o->rope_scaling && xp_rope_scaling_parse(o->rope_scaling, &m->cfg) < 0) goto fail;
     m->layers = calloc((size_t)g->num_hidden_layers, sizeof *m->layers);
     m->inv_freq = malloc((size_t)(g->head_dim / 2) * sizeof *m->inv_freq);
     if (!m->layers || !m->inv_freq) goto oom;
-    for (int i = 0; i < g->head_dim / 2; i++)
-        m->inv_freq[i] = (float)pow(g->rope_theta, -2.0 * i / g->head_dim);
+    xp_qwen3_inv_freq(g, m->inv_freq);
+    float af = g->rope.yarn ? (float)g->rope.attention_factor : 1.0f;
     char name[160];
     for (int l = 0; l < g->num_hidden_layers; l++) {
         xp_layer *L = &m->layers[l];
@@ -93,6 +94,10 @@ int xp_model_load(const char *dir, xp_model **out)
         for (int k = 0; k < 4; k++) {
             snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, norms[k]);
             if (!(*dst[k] = xp_load_norm(m->ckpt, name))) goto fail;
+        }
+        for (int i = 0; af != 1.0f && i < g->head_dim; i++) {
+            L->q_norm[i] *= af;
+            L->k_norm[i] *= af;
         }
         for (int k = 0; k < XP_MOD_COUNT; k++) {
             xp_weight w;

@@ -291,15 +291,17 @@ static void test_attention(int H, int KV, int d, int len, int len2, int nsplit)
     float *rq = malloc(sizeof(float) * (size_t)n * H * d), *rk = malloc(sizeof(float) * (size_t)n * kvd);
     memcpy(rq, q, sizeof(float) * (size_t)n * H * d);
     memcpy(rk, k, sizeof(float) * (size_t)n * kvd);
+    float *cs = malloc(sizeof(float) * (size_t)d);
     for (int i = 0; i < n; i++) {
         const int32_t *tab = i < len ? t1 : t2;
+        xp_rope_table(pos[i], inv, d, cs);
         for (int h = 0; h < H; h++) {
             xp_rmsnorm(rq + ((size_t)i * H + h) * d, qn, d, 1e-6f, rq + ((size_t)i * H + h) * d);
-            xp_rope(rq + ((size_t)i * H + h) * d, d, pos[i], inv);
+            xp_rope(rq + ((size_t)i * H + h) * d, d, cs);
         }
         for (int h = 0; h < KV; h++) {
             xp_rmsnorm(rk + ((size_t)i * KV + h) * d, kn, d, 1e-6f, rk + ((size_t)i * KV + h) * d);
-            xp_rope(rk + ((size_t)i * KV + h) * d, d, pos[i], inv);
+            xp_rope(rk + ((size_t)i * KV + h) * d, d, cs);
         }
         memcpy(gpu_kv_row(kc, tab, L, layer, pos[i], kvd), rk + (size_t)i * kvd, sizeof(float) * (size_t)kvd);
         memcpy(gpu_kv_row(vc, tab, L, layer, pos[i], kvd), v + (size_t)i * kvd, sizeof(float) * (size_t)kvd);
@@ -381,6 +383,7 @@ static void test_attention(int H, int KV, int d, int len, int len2, int nsplit)
     free(toff);
     free(kc);
     free(vc);
+    free(cs);
 }
 
 static void test_elementwise(size_t n)

@@ -71,9 +71,10 @@ class Model:
         def rms(x, w):
             return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
-        inv = 1.0 / (c["rope_theta"] ** (np.arange(0, d, 2) / d))
+        inv, att_factor = rope_parameters(c)
         ang = np.arange(n)[:, None] * inv[None, :]
-        cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+        cos = np.cos(np.concatenate([ang, ang], -1)) * att_factor
+        sin = np.sin(np.concatenate([ang, ang], -1)) * att_factor
 
         def rope(x):  # x [n, heads, d]
             half = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], -1)
@@ -105,6 +106,44 @@ class Model:
         x = rms(x, self.t["model.norm.weight"].array().astype(np.float64))
         head = "model.embed_tokens.weight" if c["tie_word_embeddings"] else "lm_head.weight"
         return x @ self.t[head].array().astype(np.float64).T
+
+
+def rope_parameters(cfg):
+    """RoPE's inverse frequencies and the factor cos and sin are scaled by, as transformers'
+    rope utilities compute them for rope_scaling absent/"default" and "yarn" (the paper's
+    NTK-by-parts blend over the correction range of beta_fast..beta_slow rotations in the
+    original context, and its attention factor 0.1 ln(factor) + 1)."""
+    d, base = cfg["head_dim"], cfg["rope_theta"]
+    inv = 1.0 / base ** (np.arange(0, d, 2) / d)
+    rs = cfg.get("rope_scaling")
+    kind = rs and (rs.get("rope_type") or rs.get("type"))
+    if not rs or kind == "default":
+        return inv, 1.0
+    assert kind == "yarn", kind
+    factor = rs["factor"]
+    orig = rs.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    att = rs.get("attention_factor")
+    if att is None:
+        if rs.get("mscale") and rs.get("mscale_all_dim"):
+            att = get_mscale(factor, rs["mscale"]) / get_mscale(factor, rs["mscale_all_dim"])
+        else:
+            att = get_mscale(factor)
+
+    def correction_dim(rotations):
+        return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rs.get("beta_fast") or 32), correction_dim(rs.get("beta_slow") or 1)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    extrapolate = 1 - np.clip((np.arange(d // 2) - low) / (high - low), 0, 1)
+    return inv / factor * (1 - extrapolate) + inv * extrapolate, att
 
 
 def kv_round(x, kv):
