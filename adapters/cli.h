@@ -76,6 +76,8 @@ typedef struct {
     XP_STR("rope-scaling", d, "JSON",                                                       \
            "replace config.json's rope_scaling, e.g. {\"rope_type\":\"yarn\",\"factor\":2,\n" \
            "\"original_max_position_embeddings\":32768}; null: plain RoPE")
+#define XP_OPT_LM_HEAD(d) \
+    XP_CHOICE("lm-head", d, "stored|fp8", "lm_head as stored, or as FP8 blocks quantized at load")
 #define XP_OPT_KV_DTYPE(d) \
     XP_STR("kv-dtype", d, "bf16|f32|fp8", "KV cache element (default bf16; $XPREC_KV_DTYPE)")
 #define XP_OPT_SEED(d, h) XP_INT("seed", d, 0, XP_MAX_SEED, "N", h)

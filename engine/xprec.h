@@ -35,6 +35,7 @@ typedef struct {
                                  {"rope_type":"yarn","factor":2,
                                  "original_max_position_embeddings":32768}; "null" for plain
                                  RoPE; NULL: the file's */
+    int lm_head_fp8;          /* hold lm_head as FP8 blocks, quantized at load */
 } xp_engine_opts;
 
 #define XP_MAX_TOP_LOGPROBS 20

@@ -38,6 +38,9 @@ typedef struct {
     /* a rope_scaling object (JSON) to use instead of config.json's; "null" for plain RoPE;
      * NULL keeps the file's */
     const char *rope_scaling;
+    /* hold lm_head as FP8 E4M3 in 128x128 blocks, quantized at load (a tied embedding stays as
+     * stored for the lookup): a smaller step for a little fidelity */
+    int lm_head_fp8;
 } xp_model_opts;
 
 /* Sets l->fp8_fast from the block scales. */

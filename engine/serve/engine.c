@@ -58,7 +58,7 @@ xp_engine *xp_engine_create(const char *model_dir, const xp_engine_opts *opts)
     pthread_cond_init(&e->cv, NULL);
     pthread_cond_init(&e->intake_cv, NULL);
     e->intake_tail = &e->intake;
-    xp_model_opts mo = {.rope_scaling = e->o.rope_scaling};
+    xp_model_opts mo = {.rope_scaling = e->o.rope_scaling, .lm_head_fp8 = e->o.lm_head_fp8};
     if (xp_model_load(model_dir, &mo, &e->model) < 0) goto fail;
     if (!(e->tok = xp_tokenizer_load(model_dir))) goto fail;
     const xp_qwen3_config *g = &e->model->cfg;

@@ -15,10 +15,10 @@ TOKENS = [9707, 11, 1879, 0, 151645, 198, 42, 7, 8, 9, 10, 11, 12, 13, 14, 15, 1
           100000, 151935, 3, 77]
 
 
-def score(model, tmp_path, adapter=None, tokens=TOKENS, kv=None):
+def score(model, tmp_path, adapter=None, tokens=TOKENS, kv=None, extra=()):
     """Logits of every position; kv picks the KV cache's element type (default: the engine's)."""
     out = tmp_path / "logits.npy"
-    args = ["score", "--model", model, "--tokens", ",".join(map(str, tokens)), "--out", out]
+    args = ["score", "--model", model, "--tokens", ",".join(map(str, tokens)), "--out", out, *extra]
     if adapter:
         args += ["--adapter", adapter]
     env = dict(os.environ, XPREC_KV_DTYPE=kv) if kv else None
@@ -90,10 +90,23 @@ def test_kv_cache_dtypes_match_reference(kv, tiny_fp8, tmp_path):
         assert rel_err(got, qwen3_ref.Model(str(tiny_fp8), kv="bf16").logits(TOKENS)) > 1e-3
 
 
+@pytest.mark.parametrize("which", ["bf16", "fp8"])
+def test_fp8_lm_head_matches_reference(which, tiny, tiny_fp8, tmp_path):
+    """--lm-head fp8 quantizes the (BF16, untied) lm_head at load in 128x128 blocks: against the
+    reference holding it the same way, and visibly not the stored one."""
+    model = {"bf16": tiny, "fp8": tiny_fp8}[which]
+    ref = qwen3_ref.Model(str(model), lm_head="fp8").logits(TOKENS)
+    got = score(model, tmp_path, extra=("--lm-head", "fp8"))
+    assert rel_err(got, ref) < 1e-3
+    assert rel_err(got, qwen3_ref.Model(str(model)).logits(TOKENS)) > 1e-3
+
+
 def test_kv_cache_dtype_refused(tiny, tmp_path):
     p = run("score", "--model", tiny, "--tokens", "1,2,3", "--out", tmp_path / "x.npy",
             env=dict(os.environ, XPREC_KV_DTYPE="int4"), check=False)
     assert p.returncode != 0 and 'KV cache dtype "int4"' in p.stderr and "bf16, f32, fp8" in p.stderr
+    p = run("generate", "--model", tiny, "--prompt", "hi", "--kv-dtype", "f16", check=False)
+    assert p.returncode == 1 and 'KV cache dtype "f16" is not one of bf16, f32, fp8' in p.stderr
 
 
 @pytest.mark.parametrize("rslora", [False, True])

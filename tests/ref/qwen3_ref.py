@@ -17,8 +17,8 @@ import st_numpy as st
 
 
 class Model:
-    def __init__(self, model_dir, adapter_dir=None, kv="bf16"):
-        self.kv = kv
+    def __init__(self, model_dir, adapter_dir=None, kv="bf16", lm_head="stored"):
+        self.kv, self.lm_head = kv, lm_head
         self.cfg = json.load(open(os.path.join(model_dir, "config.json")))
         qc = self.cfg.get("quantization_config") or {}
         if qc.get("quant_method") == "fp8":
@@ -105,7 +105,10 @@ class Model:
             x = x + (gate / (1 + np.exp(-gate)) * up) @ self.weight(p + "mlp.down_proj.weight").T
         x = rms(x, self.t["model.norm.weight"].array().astype(np.float64))
         head = "model.embed_tokens.weight" if c["tie_word_embeddings"] else "lm_head.weight"
-        return x @ self.t[head].array().astype(np.float64).T
+        w = self.t[head].array()
+        if self.lm_head == "fp8":
+            w = fp8_blocks(w, 128)
+        return x @ w.astype(np.float64).T
 
 
 def rope_parameters(cfg):
@@ -144,6 +147,19 @@ def rope_parameters(cfg):
         high += 0.001
     extrapolate = 1 - np.clip((np.arange(d // 2) - low) / (high - low), 0, 1)
     return inv / factor * (1 - extrapolate) + inv * extrapolate, att
+
+
+def fp8_blocks(w, b):
+    """w (float32) through FP8 E4M3 in b x b blocks: scale amax / 448 per block (1 for an
+    all-zero block), codes rounded to nearest even, then back to code * scale in float32."""
+    out = np.empty_like(w)
+    for i in range(0, w.shape[0], b):
+        for j in range(0, w.shape[1], b):
+            blk = w[i:i + b, j:j + b]
+            s = np.float32(np.abs(blk).max()) / np.float32(448)
+            s = s if s > 0 else np.float32(1)
+            out[i:i + b, j:j + b] = (st.e4m3_round((blk / s).astype(np.float32)) * s).astype(np.float32)
+    return out
 
 
 def kv_round(x, kv):
