@@ -84,15 +84,15 @@ int main(int argc, char **argv)
             double flop = 2.0 * (double)n * (double)l.rows * (double)l.cols;
             double bytes = (double)(l.rows * l.cols) * (l.dtype == XP_BF16 ? 2 : 1);
             /* about half a second of calls, after a warm-up */
-            xp_linear_forward(pool, scratch, &l, x, n, y);
+            xp_linear_forward(pool, scratch, &l, x, n, y, NULL);
             double t0 = now();
-            xp_linear_forward(pool, scratch, &l, x, n, y);
+            xp_linear_forward(pool, scratch, &l, x, n, y, NULL);
             double one = now() - t0;
             int reps = one > 0 ? (int)(0.5 / one) + 1 : 1;
             double best = 1e30;
             for (int r = 0; r < reps; r++) {
                 t0 = now();
-                xp_linear_forward(pool, scratch, &l, x, n, y);
+                xp_linear_forward(pool, scratch, &l, x, n, y, NULL);
                 double dt = now() - t0;
                 if (dt < best) best = dt;
             }

@@ -208,12 +208,12 @@ static void xp_lora_expand_task(void *ctx, int task, int thread)
                    j->out + (size_t)g->row0 * j->od, j->od, o0, len);
 }
 
-/* out[n, out_dim] = h W^T, plus each adapter's scale * (h A^T) B^T on its rows. */
+/* out[n, out_dim] = h W^T, plus each adapter's scale * (h A^T) B^T on its rows: the shrink
+ * (which needs only h) rides in the product's pool call, the expand follows. */
 static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_module mod,
                            const float *h, float *out)
 {
     const xp_linear *l = &rt->m->layers[layer].lin[mod];
-    xp_linear_forward(rt->pool, rt->scratch, l, h, b->n, out);
     int max_rank = 0;
     for (int gi = 0; gi < b->n_groups; gi++) {
         const xp_row_group *g = &b->groups[gi];
@@ -221,8 +221,7 @@ static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_modu
             g->slot >= 0 && g->nrows ? xp_lora_get(rt->slots[g->slot], layer, mod) : NULL;
         if (lm && lm->rank > max_rank) max_rank = lm->rank;
     }
-    if (!max_rank) return;
-    /* shrink then expand, each split finely enough that a single row keeps every thread busy */
+    /* shrink and expand, each split finely enough that a single row keeps every thread busy */
     xp_lora_job j = {rt,
                      b,
                      layer,
@@ -233,8 +232,9 @@ static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_modu
                      (int)l->rows,
                      (max_rank + XP_LORA_SHRINK_K - 1) / XP_LORA_SHRINK_K,
                      ((int)l->rows + XP_LORA_EXPAND_O - 1) / XP_LORA_EXPAND_O};
-    xp_pool_run(rt->pool, b->n_groups * j.shrink_tasks, xp_lora_shrink_task, &j);
-    xp_pool_run(rt->pool, b->n_groups * j.expand_tasks, xp_lora_expand_task, &j);
+    xp_pool_extra shrink = {b->n_groups * j.shrink_tasks, xp_lora_shrink_task, &j};
+    xp_linear_forward(rt->pool, rt->scratch, l, h, b->n, out, max_rank ? &shrink : NULL);
+    if (max_rank) xp_pool_run(rt->pool, b->n_groups * j.expand_tasks, xp_lora_expand_task, &j);
 }
 
 static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
@@ -317,7 +317,7 @@ int xp_forward(xp_runtime *rt, const xp_batch *b)
     for (int i = 0; i < b->n_out; i++)
         xp_rmsnorm(rt->x + (size_t)b->out_rows[i] * hid, rt->m->final_norm, hid,
                    (float)g->rms_norm_eps, rt->h + (size_t)i * hid);
-    xp_linear_forward(rt->pool, rt->scratch, &rt->m->lm_head, rt->h, b->n_out, b->logits);
+    xp_linear_forward(rt->pool, rt->scratch, &rt->m->lm_head, rt->h, b->n_out, b->logits, NULL);
     return 0;
 }
 

@@ -53,12 +53,20 @@ void xp_lora_expand_ref(const void *bt, int bf16, int64_t ldb, int rank, const f
 float xp_exp_sum(float *s, int n, float m);
 float xp_exp_sum_ref(float *s, int n, float m);
 
-/* y[n, rows] = x[n, cols] W^T, split over the pool by output rows. scratch[t] is thread t's
+/* Other work for the same pool call as a matrix product: n tasks of fn, claimed after the
+ * product's own (one hand-off to the threads instead of two). */
+typedef struct {
+    int n;
+    void (*fn)(void *ctx, int task, int thread);
+    void *ctx;
+} xp_pool_extra;
+
+/* y[n, rows] = x[n, cols] W^T, split over the pool by output rows, and `also` (may be NULL). scratch[t] is thread t's
  * buffer of xp_linear_scratch_floats(cols) floats. FP8 and BF16 weights are decoded a
  * cache-sized tile at a time, never materialized whole. Each y element is one xp_dot, so results
  * do not depend on n or on the other rows. */
 void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const float *x, int n,
-                       float *y);
+                       float *y, const xp_pool_extra *also);
 /* The same, one row at a time through the scalar references. */
 void xp_linear_forward_ref(const xp_linear *l, const float *x, int n, float *y);
 

@@ -178,8 +178,9 @@ typedef struct {
     const float *x;
     float *y;
     float **scratch;
-    int n;
+    int n, ntasks;
     int64_t tile; /* weight rows per task */
+    const xp_pool_extra *also;
 } xp_linear_job;
 
 /* The register-decoding kernel, when it applies: FP8 blocks must hold whole SIMD chunks and
@@ -221,6 +222,10 @@ void xp_linear_rows(const xp_linear *l, int64_t r0, int64_t r1, const float *x, 
 static void xp_linear_task(void *ctx, int task, int thread)
 {
     const xp_linear_job *j = ctx;
+    if (task >= j->ntasks) {
+        j->also->fn(j->also->ctx, task - j->ntasks, thread);
+        return;
+    }
     const xp_linear *l = j->l;
     int64_t r0 = (int64_t)task * j->tile, r1 = r0 + j->tile < l->rows ? r0 + j->tile : l->rows;
     xp_linear_rows(l, r0, r1, j->x, j->n, j->y, l->rows, j->scratch[thread]);
@@ -260,9 +265,13 @@ void xp_lora_expand(const void *bt, int bf16, int64_t ldb, int rank, const float
 }
 
 void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const float *x, int n,
-                       float *y)
+                       float *y, const xp_pool_extra *also)
 {
-    if (n < 1) return; /* a step may want no logits */
+    int extra = also ? also->n : 0;
+    if (n < 1) { /* a step may want no logits */
+        if (extra) xp_pool_run(pool, extra, also->fn, also->ctx);
+        return;
+    }
     int threads = xp_pool_threads(pool);
     int64_t tile;
     if (n <= 4 && xp_fused_kernel(l)) {
@@ -278,8 +287,8 @@ void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const
         tile = tile / XP_TILE_MIN_ROWS * XP_TILE_MIN_ROWS;
         if (tile < XP_TILE_MIN_ROWS) tile = XP_TILE_MIN_ROWS;
     }
-    xp_linear_job j = {l, x, y, scratch, n, tile};
-    xp_pool_run(pool, (int)((l->rows + tile - 1) / tile), xp_linear_task, &j);
+    xp_linear_job j = {l, x, y, scratch, n, (int)((l->rows + tile - 1) / tile), tile, also};
+    xp_pool_run(pool, j.ntasks + extra, xp_linear_task, &j);
 }
 
 void xp_linear_forward_ref(const xp_linear *l, const float *x, int n, float *y)

@@ -109,7 +109,7 @@ static void test_fp8_scale_edges(void **state)
             x[i] = (float)((i * 7919) % 13) * 0.125f - 0.75f;
         xp_pool *pool = xp_pool_create(1);
         float *scratch = malloc(xp_linear_scratch_floats(256) * 4);
-        xp_linear_forward(pool, &scratch, &k.l, x, 4, y);
+        xp_linear_forward(pool, &scratch, &k.l, x, 4, y, NULL);
         xp_linear_forward_ref(&k.l, x, 4, ref);
         for (int i = 0; i < 4; i++)
             for (int64_t r = 0; r < k.l.rows; r++) {
@@ -203,7 +203,7 @@ static void check_linear(xp_dtype dt, int64_t rows, int64_t cols, int threads)
     float **scratch = calloc((size_t)threads, sizeof *scratch);
     for (int t = 0; t < threads; t++)
         scratch[t] = malloc(xp_linear_scratch_floats(cols) * 4);
-    xp_linear_forward(pool, scratch, &k.l, x, n, y);
+    xp_linear_forward(pool, scratch, &k.l, x, n, y, NULL);
     xp_linear_forward_ref(&k.l, x, n, ref);
     float mx = 0;
     for (int64_t i = 0; i < n * rows; i++)
@@ -212,7 +212,7 @@ static void check_linear(xp_dtype dt, int64_t rows, int64_t cols, int threads)
         assert_true(fabsf(y[i] - ref[i]) <= 1e-5f * mx);
     /* batch invariance: every row alone gives the same bits as inside the batch of 9 */
     for (int i = 0; i < n; i++) {
-        xp_linear_forward(pool, scratch, &k.l, x + i * cols, 1, one);
+        xp_linear_forward(pool, scratch, &k.l, x + i * cols, 1, one, NULL);
         assert_memory_equal(one, y + i * rows, (size_t)rows * 4);
     }
     for (int t = 0; t < threads; t++)
@@ -292,16 +292,16 @@ static void check_blocked(xp_dtype dt, int64_t rows, int64_t cols, int br, int b
         /* every row alone first: the bits the batches must reproduce */
         float *alone = malloc((size_t)(N * rows) * 4);
         for (int i = 0; i < N; i++)
-            xp_linear_forward(pool, scratch, &k.l, x + i * cols, 1, alone + i * rows);
+            xp_linear_forward(pool, scratch, &k.l, x + i * cols, 1, alone + i * rows, NULL);
         check_against_reference(&k.l, x, N, alone);
-        xp_linear_forward(pool, scratch, &k.l, x, 0, NULL); /* a step that wants no logits */
+        xp_linear_forward(pool, scratch, &k.l, x, 0, NULL, NULL); /* a step that wants no logits */
         for (size_t c = 0; c < sizeof ns / sizeof *ns; c++) {
             int n = ns[c];
-            xp_linear_forward(pool, scratch, &k.l, x, n, y);
+            xp_linear_forward(pool, scratch, &k.l, x, n, y, NULL);
             assert_memory_equal(y, alone, (size_t)(n * rows) * 4);
             for (int i = 0; i < n; i++)
                 memcpy(rev + (size_t)i * cols, x + (size_t)(n - 1 - i) * cols, (size_t)cols * 4);
-            xp_linear_forward(pool, scratch, &k.l, rev, n, yr);
+            xp_linear_forward(pool, scratch, &k.l, rev, n, yr, NULL);
             for (int i = 0; i < n; i++)
                 assert_memory_equal(yr + (size_t)i * rows, alone + (size_t)(n - 1 - i) * rows,
                                     (size_t)rows * 4);
@@ -390,6 +390,38 @@ static void test_lora_expand_matches_axpy_form(void **state)
     xp_cpu_force_scalar(0);
 }
 
+static void inc(void *ctx, int task, int thread);
+
+/* Extra tasks in a product's pool call each run once, and leave the product as it was; with no
+ * rows wanted they still run. */
+static void test_linear_carries_extra_tasks(void **state)
+{
+    tk_weight k = make_weight(XP_F8_E4M3, 37, 256, 128, 128, 3);
+    float x[3 * 256], y[3 * 37], want[3 * 37];
+    for (int i = 0; i < 3 * 256; i++)
+        x[i] = (float)(i % 17) - 8.0f;
+    for (int threads = 1; threads <= 3; threads++) {
+        xp_pool *pool = xp_pool_create(threads);
+        float **scratch = calloc((size_t)threads, sizeof *scratch);
+        for (int t = 0; t < threads; t++)
+            scratch[t] = malloc(xp_linear_scratch_floats(256) * 4);
+        for (int n = 0; n <= 3; n += 3) {
+            int hits[23] = {0};
+            xp_pool_extra also = {23, inc, hits};
+            if (n) xp_linear_forward(pool, scratch, &k.l, x, n, want, NULL);
+            xp_linear_forward(pool, scratch, &k.l, x, n, y, &also);
+            for (int i = 0; i < 23; i++)
+                assert_int_equal(hits[i], 1);
+            if (n) assert_memory_equal(y, want, sizeof y);
+        }
+        for (int t = 0; t < threads; t++)
+            free(scratch[t]);
+        free(scratch);
+        xp_pool_destroy(pool);
+    }
+    free_weight(&k);
+}
+
 static void inc(void *ctx, int task, int thread)
 {
     int *hits = ctx;
@@ -452,6 +484,7 @@ int main(void)
         cmocka_unit_test(test_blocked_kernels_match_reference_and_are_batch_invariant),
         cmocka_unit_test(test_blocked_kernels_scalar),
         cmocka_unit_test(test_lora_expand_matches_axpy_form),
+        cmocka_unit_test(test_linear_carries_extra_tasks),
         cmocka_unit_test(test_pool_runs_every_task_once),
         cmocka_unit_test(test_pool_back_to_back_calls),
     };
