@@ -4,6 +4,9 @@ under llama.cpp's qwen3 names, the hyperparameters, and the Qwen tokenizer from 
 Only for benchmarks (bench/llama.sh); llama.cpp's own gguf-py package does the file format.
 
 usage: /usr/bin/python3 bench/llama_gguf.py LLAMA_CPP_DIR MODEL_DIR OUT.gguf
+       /usr/bin/python3 bench/llama_gguf.py LLAMA_CPP_DIR MODEL_DIR OUT.gguf --lora RANK
+The second form writes a random rank-RANK LoRA adapter on all seven linear modules of every
+layer instead (as xprec bench's --adapters makes them), for llama.cpp's --lora.
 """
 import json
 import os
@@ -15,11 +18,41 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import st_numpy as st  # noqa: E402
 
 
-def main(llama_dir, model_dir, out):
+MODULES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+           "mlp.down_proj": "ffn_down"}
+
+
+def lora(gguf, cfg, out, rank):
+    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    shapes = {"attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, q),
+              "ffn_gate": (i, h), "ffn_up": (i, h), "ffn_down": (h, i)}
+    w = gguf.GGUFWriter(out, "qwen3")
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank))
+    rng = np.random.default_rng(0)
+    for layer in range(cfg["num_hidden_layers"]):
+        for g in MODULES.values():
+            o, n = shapes[g]
+            base = f"blk.{layer}.{g}.weight"
+            w.add_tensor(base + ".lora_a", (0.01 * rng.standard_normal((rank, n))).astype(np.float16))
+            w.add_tensor(base + ".lora_b", (0.01 * rng.standard_normal((o, rank))).astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def main(llama_dir, model_dir, out, *rest):
     sys.path.insert(0, os.path.join(llama_dir, "gguf-py"))
     import gguf
 
     cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    if rest:
+        assert rest[0] == "--lora" and len(rest) == 2, __doc__
+        return lora(gguf, cfg, out, int(rest[1]))
     assert not cfg.get("quantization_config"), "needs the BF16 checkpoint"
     n_layers = cfg["num_hidden_layers"]
     w = gguf.GGUFWriter(out, "qwen3")
@@ -69,4 +102,4 @@ def main(llama_dir, model_dir, out):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])
