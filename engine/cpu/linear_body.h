@@ -116,9 +116,11 @@ XT void XN(tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t
     }
 XN_FUSED(4, 1, XSRC_FP8, fp8_4x1)
 XN_FUSED(4, 2, XSRC_FP8, fp8_4x2)
+XN_FUSED(2, 3, XSRC_FP8, fp8_2x3)
 XN_FUSED(2, 4, XSRC_FP8, fp8_2x4)
 XN_FUSED(4, 1, XSRC_BF16, bf16_4x1)
 XN_FUSED(4, 2, XSRC_BF16, bf16_4x2)
+XN_FUSED(2, 3, XSRC_BF16, bf16_2x3)
 XN_FUSED(2, 4, XSRC_BF16, bf16_2x4)
 #undef XN_FUSED
 
@@ -132,15 +134,16 @@ XT void XN(fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *
                        int64_t ldy)
 {
     int fp8 = l->dtype == XP_F8_E4M3;
-    int mr = n == 1 ? 4 : n == 2 ? 4 : 2, nr = n <= 2 ? n : 4;
-    XN(fused_fn) f = n == 1 ? (fp8 ? XN(fp8_4x1) : XN(bf16_4x1))
+    int mr = n <= 2 ? 4 : 2, nr = n;
+    XN(fused_fn) f = n == 1   ? (fp8 ? XN(fp8_4x1) : XN(bf16_4x1))
                    : n == 2 ? (fp8 ? XN(fp8_4x2) : XN(bf16_4x2))
+                   : n == 3 ? (fp8 ? XN(fp8_2x3) : XN(bf16_2x3))
                             : (fp8 ? XN(fp8_2x4) : XN(bf16_2x4));
     int64_t k = l->cols;
     size_t es = fp8 ? 1 : 2;
     const float *xr[4];
-    for (int q = 0; q < 4; q++)
-        xr[q] = x + (size_t)(q < n ? q : n - 1) * (size_t)k;
+    for (int q = 0; q < n; q++)
+        xr[q] = x + (size_t)q * (size_t)k;
     for (int64_t r = r0; r < r1; r += mr) {
         const void *wr[4];
         const float *sr[4] = {NULL, NULL, NULL, NULL};
@@ -158,48 +161,60 @@ XT void XN(fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *
 }
 
 /* out[i * ldo + o] += sum over k < rank of t[i * ldt + k] * Bt[k * ldb + o], o in [o0, o0 + len),
- * for n rows (the LoRA expand): each element summed in k order with fused multiply-adds from
- * zero, then added once, as xp_axpy would; two chunks of outputs by four rows share each load. */
+ * for nr rows (the LoRA expand): each element summed in k order with fused multiply-adds from
+ * zero, then added once, as xp_axpy would; two chunks of outputs by nr rows share each load. */
 XT __attribute__((always_inline)) static inline void
-XN(expand_n)(const void *bt, const int bf16, int64_t ldb, int rank, const float *t, int64_t ldt,
-             int n, float *out, int64_t ldo, int64_t o0, int64_t len)
+XN(expand_rows)(const void *bt, const int bf16, int64_t ldb, int rank, const float *t, int64_t ldt,
+                float *out, int64_t ldo, int64_t o0, int64_t len, const int nr)
 {
     int64_t o = o0, end = o0 + len;
-    for (; o + 2 * XW <= end; o += 2 * XW)
-        for (int i0 = 0; i0 < n; i0 += 4) {
-            XV acc[2][4];
-            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[0][i] = acc[1][i] = XZERO();
-            for (int k = 0; k < rank; k++) {
-                XV b0, b1;
-                if (bf16) {
-                    b0 = XBF16((const uint16_t *)bt + k * ldb + o);
-                    b1 = XBF16((const uint16_t *)bt + k * ldb + o + XW);
-                } else {
-                    b0 = XLOAD((const float *)bt + k * ldb + o);
-                    b1 = XLOAD((const float *)bt + k * ldb + o + XW);
-                }
-                _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++)
-                {
-                    XV tk = XSET1(t[(i0 + i < n ? i0 + i : n - 1) * ldt + k]);
-                    acc[0][i] = XFMA(tk, b0, acc[0][i]);
-                    acc[1][i] = XFMA(tk, b1, acc[1][i]);
-                }
+    for (; o + 2 * XW <= end; o += 2 * XW) {
+        XV acc[2][4];
+        _Pragma("GCC unroll 4") for (int i = 0; i < nr; i++) acc[0][i] = acc[1][i] = XZERO();
+        for (int k = 0; k < rank; k++) {
+            XV b0, b1;
+            if (bf16) {
+                b0 = XBF16((const uint16_t *)bt + k * ldb + o);
+                b1 = XBF16((const uint16_t *)bt + k * ldb + o + XW);
+            } else {
+                b0 = XLOAD((const float *)bt + k * ldb + o);
+                b1 = XLOAD((const float *)bt + k * ldb + o + XW);
             }
-            for (int i = 0; i < 4 && i0 + i < n; i++) {
-                float *oi = out + (i0 + i) * ldo + o, sum[2 * XW];
-                XSTORE(sum, acc[0][i]);
-                XSTORE(sum + XW, acc[1][i]);
-                for (int q = 0; q < 2 * XW; q++)
-                    oi[q] += sum[q];
+            _Pragma("GCC unroll 4") for (int i = 0; i < nr; i++)
+            {
+                XV tk = XSET1(t[i * ldt + k]);
+                acc[0][i] = XFMA(tk, b0, acc[0][i]);
+                acc[1][i] = XFMA(tk, b1, acc[1][i]);
             }
         }
+        _Pragma("GCC unroll 4") for (int i = 0; i < nr; i++)
+        {
+            float *oi = out + i * ldo + o, sum[2 * XW];
+            XSTORE(sum, acc[0][i]);
+            XSTORE(sum + XW, acc[1][i]);
+            for (int q = 0; q < 2 * XW; q++)
+                oi[q] += sum[q];
+        }
+    }
     for (; o < end; o++)
-        for (int i = 0; i < n; i++) {
+        for (int i = 0; i < nr; i++) {
             float acc = 0;
             for (int k = 0; k < rank; k++)
                 acc = fmaf(t[i * ldt + k], XN(wcol)(bt, NULL, 0, k * ldb + o, bf16), acc);
             out[i * ldo + o] += acc;
         }
+}
+
+/* Four rows at a time, the rest one by one: no row is computed twice. */
+XT __attribute__((always_inline)) static inline void
+XN(expand_n)(const void *bt, const int bf16, int64_t ldb, int rank, const float *t, int64_t ldt,
+             int n, float *out, int64_t ldo, int64_t o0, int64_t len)
+{
+    int i = 0;
+    for (; i + 4 <= n; i += 4)
+        XN(expand_rows)(bt, bf16, ldb, rank, t + i * ldt, ldt, out + i * ldo, ldo, o0, len, 4);
+    for (; i < n; i++)
+        XN(expand_rows)(bt, bf16, ldb, rank, t + i * ldt, ldt, out + i * ldo, ldo, o0, len, 1);
 }
 
 XT void XN(lora_expand)(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
