@@ -78,6 +78,18 @@ static void xp_att_task(void *ctx, int task, int thread)
         xp_linear K, V;
         xp_kv_store_rows(j->kv, table[blk], j->layer, kvh, 0, &K);
         xp_kv_store_rows(j->kv, table[blk], j->layer, kvh, 1, &V);
+        if ((blk + 1) * XP_KV_BLOCK <= last) {
+            /* the next block's rows start a new page: the hardware prefetchers would wait for
+             * the misses before following it */
+            xp_linear K1, V1;
+            xp_kv_store_rows(j->kv, table[blk + 1], j->layer, kvh, 0, &K1);
+            xp_kv_store_rows(j->kv, table[blk + 1], j->layer, kvh, 1, &V1);
+            size_t bytes = (size_t)XP_KV_BLOCK * (size_t)d * j->kv->esize;
+            for (size_t off = 0; off < bytes; off += 64) {
+                __builtin_prefetch((const char *)K1.w + off);
+                __builtin_prefetch((const char *)V1.w + off);
+            }
+        }
         xp_linear_rows(&K, 0, np, Q + (size_t)i0 * G * d, (T - i0) * G,
                        S + (size_t)i0 * G * XP_KV_BLOCK, XP_KV_BLOCK, j->lin_scratch[thread]);
         const void *vw = V.w;

@@ -5,6 +5,17 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+
+/* Storage on transparent huge pages where the kernel offers them: attention walks one head's
+ * 4 KB rows of block after block, and with 4 KB pages nearly every block costs a TLB miss. */
+static void *xp_kv_alloc(size_t n)
+{
+    size_t huge = (size_t)2 << 20, bytes = (n + huge - 1) / huge * huge;
+    void *p = aligned_alloc(huge, bytes ? bytes : huge);
+    if (p) madvise(p, bytes ? bytes : huge, MADV_HUGEPAGE);
+    return p;
+}
 
 int xp_kv_type_parse(const char *name, xp_kv_type *t)
 {
@@ -52,9 +63,8 @@ int xp_kv_store_init(xp_kv_store *c, xp_kv_type t, int n_layers, int kv_heads, i
     c->esize = xp_kv_esize(t);
     size_t rows = (size_t)n_blocks * (size_t)n_layers * (size_t)kv_heads * XP_KV_BLOCK;
     size_t half = rows * (size_t)head_dim * c->esize;
-    /* 64-byte alignment: every head's block starts on a cache line */
-    c->k = aligned_alloc(64, (half + 63) & ~(size_t)63);
-    c->v = aligned_alloc(64, (half + 63) & ~(size_t)63);
+    c->k = xp_kv_alloc(half);
+    c->v = xp_kv_alloc(half);
     int ok = c->k && c->v;
     if (ok && t == XP_KV_FP8) {
         /* zeroed: a block's view reads all its scales, written or not yet */
@@ -81,11 +91,12 @@ void xp_kv_store_free(xp_kv_store *c)
     c->n_blocks = 0;
 }
 
-/* Index of (block, layer, head, position) counted in rows of head_dim. */
+/* Index of (block, layer, head, position) counted in rows of head_dim: each (layer, head) holds
+ * its blocks one after another, so a sequence whose blocks are consecutive reads as one stream. */
 static size_t xp_kv_row(const xp_kv_store *c, int block, int layer, int head, int p)
 {
-    return (((size_t)block * (size_t)c->n_layers + (size_t)layer) * (size_t)c->kv_heads +
-            (size_t)head) * XP_KV_BLOCK + (size_t)p;
+    return (((size_t)layer * (size_t)c->kv_heads + (size_t)head) * (size_t)c->n_blocks +
+            (size_t)block) * XP_KV_BLOCK + (size_t)p;
 }
 
 static void xp_kv_put_row(const xp_kv_store *c, unsigned char *dst, float *scale, const float *src)

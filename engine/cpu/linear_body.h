@@ -161,39 +161,35 @@ XT void XN(fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *
 }
 
 /* out[i * ldo + o] += sum over k < rank of t[i * ldt + k] * Bt[k * ldb + o], o in [o0, o0 + len),
- * for nr rows (the LoRA expand): each element summed in k order with fused multiply-adds from
- * zero, then added once, as xp_axpy would; two chunks of outputs by nr rows share each load. */
+ * for nr rows (the LoRA expand, and attention's e^S V): each element summed in k order with
+ * fused multiply-adds from zero, then added once, as xp_axpy would. ch chunks of outputs by nr
+ * rows (8 accumulators) share each load and keep the multiply-adds independent. */
 XT __attribute__((always_inline)) static inline void
 XN(expand_rows)(const void *bt, const int bf16, int64_t ldb, int rank, const float *t, int64_t ldt,
-                float *out, int64_t ldo, int64_t o0, int64_t len, const int nr)
+                float *out, int64_t ldo, int64_t o0, int64_t len, const int nr, const int ch)
 {
     int64_t o = o0, end = o0 + len;
-    for (; o + 2 * XW <= end; o += 2 * XW) {
-        XV acc[2][4];
-        _Pragma("GCC unroll 4") for (int i = 0; i < nr; i++) acc[0][i] = acc[1][i] = XZERO();
+    for (; o + ch * XW <= end; o += ch * XW) {
+        XV acc[8][4];
+        _Pragma("GCC unroll 8") for (int c = 0; c < ch; c++)
+            _Pragma("GCC unroll 4") for (int i = 0; i < nr; i++) acc[c][i] = XZERO();
         for (int k = 0; k < rank; k++) {
-            XV b0, b1;
-            if (bf16) {
-                b0 = XBF16((const uint16_t *)bt + k * ldb + o);
-                b1 = XBF16((const uint16_t *)bt + k * ldb + o + XW);
-            } else {
-                b0 = XLOAD((const float *)bt + k * ldb + o);
-                b1 = XLOAD((const float *)bt + k * ldb + o + XW);
-            }
+            XV b[8];
+            _Pragma("GCC unroll 8") for (int c = 0; c < ch; c++) b[c] =
+                bf16 ? XBF16((const uint16_t *)bt + k * ldb + o + c * XW)
+                     : XLOAD((const float *)bt + k * ldb + o + c * XW);
             _Pragma("GCC unroll 4") for (int i = 0; i < nr; i++)
             {
                 XV tk = XSET1(t[i * ldt + k]);
-                acc[0][i] = XFMA(tk, b0, acc[0][i]);
-                acc[1][i] = XFMA(tk, b1, acc[1][i]);
+                _Pragma("GCC unroll 8") for (int c = 0; c < ch; c++) acc[c][i] =
+                    XFMA(tk, b[c], acc[c][i]);
             }
         }
         _Pragma("GCC unroll 4") for (int i = 0; i < nr; i++)
+            _Pragma("GCC unroll 8") for (int c = 0; c < ch; c++)
         {
-            float *oi = out + i * ldo + o, sum[2 * XW];
-            XSTORE(sum, acc[0][i]);
-            XSTORE(sum + XW, acc[1][i]);
-            for (int q = 0; q < 2 * XW; q++)
-                oi[q] += sum[q];
+            float *oi = out + i * ldo + o + c * XW;
+            XSTORE(oi, XLOAD(oi) + acc[c][i]);
         }
     }
     for (; o < end; o++)
@@ -205,16 +201,18 @@ XN(expand_rows)(const void *bt, const int bf16, int64_t ldb, int rank, const flo
         }
 }
 
-/* Four rows at a time, the rest one by one: no row is computed twice. */
+/* Four rows at a time, then two, then one: no row computed twice. */
 XT __attribute__((always_inline)) static inline void
 XN(expand_n)(const void *bt, const int bf16, int64_t ldb, int rank, const float *t, int64_t ldt,
              int n, float *out, int64_t ldo, int64_t o0, int64_t len)
 {
     int i = 0;
     for (; i + 4 <= n; i += 4)
-        XN(expand_rows)(bt, bf16, ldb, rank, t + i * ldt, ldt, out + i * ldo, ldo, o0, len, 4);
+        XN(expand_rows)(bt, bf16, ldb, rank, t + i * ldt, ldt, out + i * ldo, ldo, o0, len, 4, 2);
+    for (; i + 2 <= n; i += 2)
+        XN(expand_rows)(bt, bf16, ldb, rank, t + i * ldt, ldt, out + i * ldo, ldo, o0, len, 2, 4);
     for (; i < n; i++)
-        XN(expand_rows)(bt, bf16, ldb, rank, t + i * ldt, ldt, out + i * ldo, ldo, o0, len, 1);
+        XN(expand_rows)(bt, bf16, ldb, rank, t + i * ldt, ldt, out + i * ldo, ldo, o0, len, 1, 8);
 }
 
 XT void XN(lora_expand)(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
@@ -226,18 +224,25 @@ XT void XN(lora_expand)(const void *bt, int bf16, int64_t ldb, int rank, const f
         XN(expand_n)(bt, 0, ldb, rank, t, ldt, n, out, ldo, o0, len);
 }
 
-/* s[p] = e^(s[p] - m) for p < n, and their sum in p order (a softmax block's terms). */
+/* s[p] = e^(s[p] - m) for p < n, and their sum: lane by lane over the full chunks, XHSUM,
+ * then the rest in p order (a softmax block's terms). */
 XT float XN(exp_sum)(float *s, int n, float m)
 {
-    float sum = 0;
-    for (int p0 = 0; p0 < n; p0 += XW) {
+    XV acc = XZERO(), vm = XSET1(m);
+    int p = 0;
+    for (; p + XW <= n; p += XW) {
+        XV e = XEXP(XLOAD(s + p) - vm);
+        XSTORE(s + p, e);
+        acc = acc + e;
+    }
+    float sum = XHSUM(acc);
+    if (p < n) {
         float buf[XW];
-        int len = n - p0 < XW ? n - p0 : XW;
-        for (int p = 0; p < XW; p++)
-            buf[p] = p < len ? s[p0 + p] : m;
-        XSTORE(buf, XEXP(XLOAD(buf) - XSET1(m)));
-        for (int p = 0; p < len; p++)
-            sum += s[p0 + p] = buf[p];
+        for (int q = 0; q < XW; q++)
+            buf[q] = p + q < n ? s[p + q] : m;
+        XSTORE(buf, XEXP(XLOAD(buf) - vm));
+        for (int q = 0; p + q < n; q++)
+            sum += s[p + q] = buf[q];
     }
     return sum;
 }
