@@ -1,8 +1,8 @@
 /* The CPU's KV storage: K and V for n blocks of XP_KV_BLOCK positions, as F32, BF16 (the
  * default) or FP8 E4M3 with one F32 scale per position and KV head. Laid out
- * [block][layer][KV head][position in block][head_dim], so one head's rows of one block are a
- * contiguous matrix the matrix kernels read as it lies; addressed through a sequence's block
- * table. */
+ * [layer][KV head][block][position in block][head_dim]: one head's rows of one block are a
+ * contiguous matrix the matrix kernels read as it lies, and consecutive blocks of a sequence
+ * one stream; addressed through a sequence's block table. */
 #ifndef XP_CPU_KV_STORE_H
 #define XP_CPU_KV_STORE_H
 
@@ -16,7 +16,7 @@ typedef struct {
     int n_blocks;
     size_t esize;        /* bytes per element */
     unsigned char *k, *v;
-    float *ks, *vs; /* FP8: [block][layer][KV head][position] scales */
+    float *ks, *vs; /* FP8: [layer][KV head][block][position] scales */
 } xp_kv_store;
 
 /* "f32", "bf16" or "fp8"; NULL or "" reads $XPREC_KV_DTYPE, and bf16 when that is unset. -1
