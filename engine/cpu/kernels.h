@@ -1,5 +1,6 @@
-/* CPU kernels. Each has a plain scalar reference; the AVX2/FMA/F16C versions are chosen at run
- * time when the processor has them, and tests/unit/test_cpu_kernels.c compares the two. */
+/* CPU kernels. Each has a plain scalar reference; the AVX2/FMA/F16C and AVX-512 versions are
+ * chosen at run time when the processor has them, and tests/unit/test_cpu_kernels.c compares
+ * them. */
 #ifndef XP_CPU_KERNELS_H
 #define XP_CPU_KERNELS_H
 
@@ -61,10 +62,11 @@ typedef struct {
     void *ctx;
 } xp_pool_extra;
 
-/* y[n, rows] = x[n, cols] W^T, split over the pool by output rows, and `also` (may be NULL). scratch[t] is thread t's
- * buffer of xp_linear_scratch_floats(cols) floats. FP8 and BF16 weights are decoded a
- * cache-sized tile at a time, never materialized whole. Each y element is one xp_dot, so results
- * do not depend on n or on the other rows. */
+/* y[n, rows] = x[n, cols] W^T, split over the pool by output rows, and `also` (may be NULL).
+ * scratch[t] is thread t's buffer of xp_linear_scratch_floats(cols) floats. FP8 and BF16
+ * weights are decoded in registers (few rows) or a cache-sized tile at a time (more), never
+ * materialized whole. Each y element is summed in the level's one order (linear_body.h), so
+ * results do not depend on n or on the other rows. */
 void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const float *x, int n,
                        float *y, const xp_pool_extra *also);
 /* The same, one row at a time through the scalar references. */

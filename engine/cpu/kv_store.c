@@ -96,7 +96,9 @@ void xp_kv_store_free(xp_kv_store *c)
 static size_t xp_kv_row(const xp_kv_store *c, int block, int layer, int head, int p)
 {
     return (((size_t)layer * (size_t)c->kv_heads + (size_t)head) * (size_t)c->n_blocks +
-            (size_t)block) * XP_KV_BLOCK + (size_t)p;
+            (size_t)block) *
+               XP_KV_BLOCK +
+           (size_t)p;
 }
 
 static void xp_kv_put_row(const xp_kv_store *c, unsigned char *dst, float *scale, const float *src)

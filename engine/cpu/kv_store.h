@@ -14,7 +14,7 @@ typedef struct {
     xp_kv_type type;
     int n_layers, kv_heads, head_dim;
     int n_blocks;
-    size_t esize;        /* bytes per element */
+    size_t esize; /* bytes per element */
     unsigned char *k, *v;
     float *ks, *vs; /* FP8: [layer][KV head][block][position] scales */
 } xp_kv_store;

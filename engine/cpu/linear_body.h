@@ -98,8 +98,7 @@ XT void XN(tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t
                 XN(tile)(wr, NULL, 0, xr, k, out, XMR, XNR, XSRC_F32);
                 for (int a = 0; a < XMR && a0 + a < nw; a++)
                     for (int q = 0; q < XNR && i + q < i1; q++)
-                        y[(size_t)(i + q) * (size_t)ldy + (size_t)(r0 + a0 + a)] =
-                            out[a * XNR + q];
+                        y[(size_t)(i + q) * (size_t)ldy + (size_t)(r0 + a0 + a)] = out[a * XNR + q];
             }
         }
     }
@@ -135,10 +134,11 @@ XT void XN(fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *
 {
     int fp8 = l->dtype == XP_F8_E4M3;
     int mr = n <= 2 ? 4 : 2, nr = n;
-    XN(fused_fn) f = n == 1   ? (fp8 ? XN(fp8_4x1) : XN(bf16_4x1))
-                   : n == 2 ? (fp8 ? XN(fp8_4x2) : XN(bf16_4x2))
-                   : n == 3 ? (fp8 ? XN(fp8_2x3) : XN(bf16_2x3))
-                            : (fp8 ? XN(fp8_2x4) : XN(bf16_2x4));
+    XN(fused_fn)
+    f = n == 1   ? (fp8 ? XN(fp8_4x1) : XN(bf16_4x1))
+        : n == 2 ? (fp8 ? XN(fp8_4x2) : XN(bf16_4x2))
+        : n == 3 ? (fp8 ? XN(fp8_2x3) : XN(bf16_2x3))
+                 : (fp8 ? XN(fp8_2x4) : XN(bf16_2x4));
     int64_t k = l->cols;
     size_t es = fp8 ? 1 : 2;
     const float *xr[4];

@@ -152,7 +152,8 @@ static int xp_parse_rope(const cJSON *rs, xp_qwen3_config *c)
     if (!type) type = old;
     if (!type) return xp_fail("config.json: rope_scaling has no rope_type");
     if (old && strcmp(old, type) != 0)
-        return xp_fail("config.json: rope_scaling says rope_type \"%s\" and type \"%s\"", type, old);
+        return xp_fail("config.json: rope_scaling says rope_type \"%s\" and type \"%s\"", type,
+                       old);
     if (strcmp(type, "default") == 0) return 0;
     if (strcmp(type, "yarn") != 0)
         return xp_fail("config.json: rope_scaling type \"%s\" is not supported (only yarn; "
@@ -199,7 +200,8 @@ static int xp_parse_rope(const cJSON *rs, xp_qwen3_config *c)
                        r->beta_fast, r->beta_slow);
     const cJSON *tr = cJSON_GetObjectItemCaseSensitive(rs, "truncate");
     if (tr && !cJSON_IsNull(tr)) {
-        if (!cJSON_IsBool(tr)) return xp_fail("config.json: rope_scaling.truncate must be true or false");
+        if (!cJSON_IsBool(tr))
+            return xp_fail("config.json: rope_scaling.truncate must be true or false");
         r->truncate = cJSON_IsTrue(tr);
     }
     if (af > 0)

@@ -47,8 +47,8 @@ static void reference(const xp_kv_store *kv, const int32_t *table, int layer, in
 
 static void check_attention(xp_kv_type type, att_shape sh, int threads)
 {
-    xp_qwen3_config g = {.num_attention_heads = sh.H, .num_key_value_heads = sh.KV,
-                         .head_dim = sh.d};
+    xp_qwen3_config g = {
+        .num_attention_heads = sh.H, .num_key_value_heads = sh.KV, .head_dim = sh.d};
     int H = sh.H, KV = sh.KV, d = sh.d, G = H / KV, L = 2, layer = 1;
     enum { LA = 45, LB = 20, N = LA + LB };
     int nba = xp_kv_blocks_for(LA), nbb = xp_kv_blocks_for(LB);
@@ -177,11 +177,12 @@ static void test_kv_store_rounding(void **state)
             for (int i = 0; i < 16; i++)
                 amax = fmaxf(amax, fabsf(k[h * 16 + i]));
             for (int i = 0; i < 16; i++) {
-                float x = k[h * 16 + i], want = t == XP_KV_F32    ? x
-                                               : t == XP_KV_BF16 ? xp_bf16_to_f32(xp_f32_to_bf16(x))
-                                                                 : xp_fp8_e4m3_to_f32(xp_f32_to_fp8_e4m3(
-                                                                       x / (amax / 448))) *
-                                                                       (amax / 448);
+                float x = k[h * 16 + i],
+                      want = t == XP_KV_F32 ? x
+                             : t == XP_KV_BF16
+                                 ? xp_bf16_to_f32(xp_f32_to_bf16(x))
+                                 : xp_fp8_e4m3_to_f32(xp_f32_to_fp8_e4m3(x / (amax / 448))) *
+                                       (amax / 448);
                 assert_memory_equal(&back[i], &want, 4);
             }
         }

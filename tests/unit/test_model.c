@@ -55,8 +55,8 @@ static void test_fp8_lm_head(void **state)
         assert_memory_equal(q, (const uint8_t *)m->lm_head.w + r0 * cols, (size_t)(nr * cols));
     }
     /* a step streams the FP8 head: half the BF16 one's bytes, plus its scales */
-    uint64_t head_bf16 = (uint64_t)(rows * cols) * 2, head_fp8 = (uint64_t)(rows * cols) +
-                                                              (uint64_t)((rows + 127) / 128) * 4;
+    uint64_t head_bf16 = (uint64_t)(rows * cols) * 2,
+             head_fp8 = (uint64_t)(rows * cols) + (uint64_t)((rows + 127) / 128) * 4;
     assert_true(xp_model_step_bytes(plain) - xp_model_step_bytes(m) == head_bf16 - head_fp8);
     free(w);
     free(q);
@@ -77,7 +77,8 @@ static void test_rope_override(void **state)
     float af = (float)(0.1 * log(3.0) + 1);
     for (int l = 0; l < m->cfg.num_hidden_layers; l++)
         for (int i = 0; i < m->cfg.head_dim; i++) {
-            float want_q = plain->layers[l].q_norm[i] * af, want_k = plain->layers[l].k_norm[i] * af;
+            float want_q = plain->layers[l].q_norm[i] * af,
+                  want_k = plain->layers[l].k_norm[i] * af;
             assert_memory_equal(&m->layers[l].q_norm[i], &want_q, 4);
             assert_memory_equal(&m->layers[l].k_norm[i], &want_k, 4);
             /* the MLP's norm is not RoPE's */
