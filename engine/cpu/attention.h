@@ -9,6 +9,7 @@
 #include "cpu/pool.h"
 
 #define XP_ATT_TILE 16 /* query rows of one sequence per task */
+#define XP_ATT_RUN 8   /* consecutive KV blocks scored in one product */
 
 typedef struct {
     int row0, nrows; /* consecutive rows of one sequence at consecutive positions */

@@ -135,13 +135,14 @@ void xp_kv_store_put(xp_kv_store *c, const int32_t *table, int layer, int pos, c
     }
 }
 
-void xp_kv_store_rows(const xp_kv_store *c, int block, int layer, int head, int v, xp_linear *out)
+void xp_kv_store_rows(const xp_kv_store *c, int block, int n, int layer, int head, int v,
+                      xp_linear *out)
 {
     size_t row = xp_kv_row(c, block, layer, head, 0);
     memset(out, 0, sizeof *out);
     out->dtype = c->type == XP_KV_F32 ? XP_F32 : c->type == XP_KV_BF16 ? XP_BF16 : XP_F8_E4M3;
     out->w = (v ? c->v : c->k) + row * (size_t)c->head_dim * c->esize;
-    out->rows = XP_KV_BLOCK;
+    out->rows = (int64_t)n * XP_KV_BLOCK;
     out->cols = c->head_dim;
     if (c->type == XP_KV_FP8) {
         out->scale = (v ? c->vs : c->ks) + row;

@@ -33,8 +33,9 @@ void xp_kv_store_free(xp_kv_store *c);
 /* Stores the K and V rows (kv_heads * head_dim F32 values each) of position pos. */
 void xp_kv_store_put(xp_kv_store *c, const int32_t *table, int layer, int pos, const float *k,
                      const float *v);
-/* K (v = 0) or V (v = 1) of one head in the block with id `block`: XP_KV_BLOCK rows of
- * head_dim, as a weight matrix the kernels take (FP8 with a scale per row). */
-void xp_kv_store_rows(const xp_kv_store *c, int block, int layer, int head, int v, xp_linear *out);
+/* K (v = 0) or V (v = 1) of one head in the blocks with ids block .. block + n - 1: n *
+ * XP_KV_BLOCK rows of head_dim, as a weight matrix the kernels take (FP8 with a scale per row). */
+void xp_kv_store_rows(const xp_kv_store *c, int block, int n, int layer, int head, int v,
+                      xp_linear *out);
 
 #endif

@@ -22,7 +22,7 @@ static void reference(const xp_kv_store *kv, const int32_t *table, int layer, in
     double *s = malloc((size_t)(pos + 1) * sizeof *s), mx = -INFINITY, sum = 0;
     xp_linear K, V;
     for (int p = 0; p <= pos; p++) {
-        xp_kv_store_rows(kv, table[p / XP_KV_BLOCK], layer, kvh, 0, &K);
+        xp_kv_store_rows(kv, table[p / XP_KV_BLOCK], 1, layer, kvh, 0, &K);
         xp_decode_row_ref(&K, p % XP_KV_BLOCK, k);
         double dot = 0;
         for (int x = 0; x < d; x++)
@@ -35,7 +35,7 @@ static void reference(const xp_kv_store *kv, const int32_t *table, int layer, in
     for (int p = 0; p <= pos; p++)
         sum += s[p] = exp(s[p] - mx);
     for (int p = 0; p <= pos; p++) {
-        xp_kv_store_rows(kv, table[p / XP_KV_BLOCK], layer, kvh, 1, &V);
+        xp_kv_store_rows(kv, table[p / XP_KV_BLOCK], 1, layer, kvh, 1, &V);
         xp_decode_row_ref(&V, p % XP_KV_BLOCK, v);
         for (int x = 0; x < d; x++)
             out[x] += s[p] / sum * v[x];
@@ -50,16 +50,17 @@ static void check_attention(xp_kv_type type, att_shape sh, int threads)
     xp_qwen3_config g = {
         .num_attention_heads = sh.H, .num_key_value_heads = sh.KV, .head_dim = sh.d};
     int H = sh.H, KV = sh.KV, d = sh.d, G = H / KV, L = 2, layer = 1;
-    enum { LA = 45, LB = 20, N = LA + LB };
+    enum { LA = 203, LB = 20, N = LA + LB, NB = 40 };
     int nba = xp_kv_blocks_for(LA), nbb = xp_kv_blocks_for(LB);
     xp_kv_store kv;
-    assert_int_equal(xp_kv_store_init(&kv, type, L, KV, d, nba + nbb + 2), 0);
-    /* block ids shuffled: sequence B's blocks first, from the top, two never used */
-    int32_t ta[8], tb[8];
-    for (int i = 0; i < nbb; i++)
-        tb[i] = nba + nbb + 1 - i;
+    assert_int_equal(xp_kv_store_init(&kv, type, L, KV, d, NB), 0);
+    /* A's 13 blocks: ids 3..12 in a row (a run of XP_ATT_RUN and the rest of one), then 30..32;
+     * B's from the top down, so no two follow each other */
+    int32_t ta[16], tb[8];
     for (int i = 0; i < nba; i++)
-        ta[i] = nba - 1 - i + 1;
+        ta[i] = i < 10 ? 3 + i : 20 + i;
+    for (int i = 0; i < nbb; i++)
+        tb[i] = NB - 1 - i;
     tu_rng r;
     tu_rng_seed(&r, (uint64_t)(type * 100 + d));
     float *k = malloc((size_t)KV * d * 4), *v = malloc((size_t)KV * d * 4);
@@ -171,7 +172,7 @@ static void test_kv_store_rounding(void **state)
         xp_kv_store_put(&kv, table, 0, 3, k, v);
         for (int h = 0; h < 2; h++) {
             xp_linear K;
-            xp_kv_store_rows(&kv, 0, 0, h, 0, &K);
+            xp_kv_store_rows(&kv, 0, 1, 0, h, 0, &K);
             xp_decode_row_ref(&K, 3, back);
             float amax = 0;
             for (int i = 0; i < 16; i++)
