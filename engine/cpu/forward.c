@@ -32,7 +32,8 @@ struct xp_runtime {
     float **scratch;     /* per thread, for the linear kernels */
     float **att_scratch; /* per thread, attention's tile */
     xp_att_tile *tiles;  /* [max_rows] */
-    float *lora_t;       /* [max_rows, XP_MAX_LORA_RANK]: each row's shrunk input */
+    float *lora_t;       /* [3][max_rows][XP_MAX_LORA_RANK]: each row's shrunk input, for up to
+                            three modules at once */
     float *rope; /* [max_rows][head_dim]: each row's RoPE table */
     float *x, *h, *q, *k, *v, *att, *gate, *up, *out;
 };
@@ -92,7 +93,7 @@ xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *
     }
     size_t n = (size_t)max_rows, qd = (size_t)g->num_attention_heads * (size_t)g->head_dim,
            kvd = (size_t)g->num_key_value_heads * (size_t)g->head_dim;
-    rt->lora_t = xp_falloc(n * XP_MAX_LORA_RANK);
+    rt->lora_t = xp_falloc(3 * n * XP_MAX_LORA_RANK);
     rt->tiles = malloc(n * sizeof *rt->tiles);
     rt->rope = xp_falloc(n * (size_t)g->head_dim);
     rt->x = xp_falloc(n * (size_t)g->hidden_size);
@@ -165,9 +166,27 @@ typedef struct {
     xp_module mod;
     const float *h;
     float *out;
+    float *t; /* [rows][XP_MAX_LORA_RANK]: each row's shrunk input for this module */
     int in, od;
     int shrink_tasks, expand_tasks; /* per row group */
 } xp_lora_job;
+
+/* The LoRA work of several modules in one pool call: task i is job k's task i - first[k]. */
+typedef struct {
+    const xp_lora_job *jobs;
+    int n;
+    int first[XP_MAX_PRODUCTS + 1];
+    void (*fn)(void *ctx, int task, int thread);
+} xp_lora_many;
+
+static void xp_lora_many_task(void *ctx, int task, int thread)
+{
+    const xp_lora_many *m = ctx;
+    int k = 0;
+    while (task >= m->first[k + 1])
+        k++;
+    m->fn((void *)&m->jobs[k], task - m->first[k], thread);
+}
 
 static const xp_lora_mat *xp_lora_group(const xp_lora_job *j, int gi)
 {
@@ -186,7 +205,7 @@ static void xp_lora_shrink_task(void *ctx, int task, int thread)
     const xp_row_group *g = &j->b->groups[gi];
     int k1 = k0 + XP_LORA_SHRINK_K < lm->rank ? k0 + XP_LORA_SHRINK_K : lm->rank;
     xp_linear A = {.dtype = lm->dtype, .w = lm->A, .rows = lm->rank, .cols = j->in};
-    float *t = j->rt->lora_t + (size_t)g->row0 * XP_MAX_LORA_RANK;
+    float *t = j->t + (size_t)g->row0 * XP_MAX_LORA_RANK;
     xp_linear_rows(&A, k0, k1, j->h + (size_t)g->row0 * j->in, g->nrows, t, XP_MAX_LORA_RANK,
                    j->rt->scratch[thread]);
     for (int i = 0; i < g->nrows; i++)
@@ -204,37 +223,49 @@ static void xp_lora_expand_task(void *ctx, int task, int thread)
     const xp_row_group *g = &j->b->groups[gi];
     int len = j->od - o0 < XP_LORA_EXPAND_O ? j->od - o0 : XP_LORA_EXPAND_O;
     xp_lora_expand(lm->Bt, lm->dtype == XP_BF16, j->od, lm->rank,
-                   j->rt->lora_t + (size_t)g->row0 * XP_MAX_LORA_RANK, XP_MAX_LORA_RANK, g->nrows,
+                   j->t + (size_t)g->row0 * XP_MAX_LORA_RANK, XP_MAX_LORA_RANK, g->nrows,
                    j->out + (size_t)g->row0 * j->od, j->od, o0, len);
 }
 
-/* out[n, out_dim] = h W^T, plus each adapter's scale * (h A^T) B^T on its rows: the shrink
- * (which needs only h) rides in the product's pool call, the expand follows. */
-static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_module mod,
-                           const float *h, float *out)
+/* outs[k][n, out_dim_k] = h W_k^T for the modules mods[0..nm) of one layer (all reading h),
+ * plus each adapter's scale * (h A^T) B^T on its rows: one pool call for the products and the
+ * shrinks (which need only h), one for the expands. */
+static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, const xp_module *mods,
+                           int nm, const float *h, float *const *outs)
 {
-    const xp_linear *l = &rt->m->layers[layer].lin[mod];
-    int max_rank = 0;
-    for (int gi = 0; gi < b->n_groups; gi++) {
-        const xp_row_group *g = &b->groups[gi];
-        const xp_lora_mat *lm =
-            g->slot >= 0 && g->nrows ? xp_lora_get(rt->slots[g->slot], layer, mod) : NULL;
-        if (lm && lm->rank > max_rank) max_rank = lm->rank;
+    xp_product p[XP_MAX_PRODUCTS];
+    xp_lora_job jobs[XP_MAX_PRODUCTS];
+    xp_lora_many shrink = {jobs, nm, {0}, xp_lora_shrink_task},
+                 expand = {jobs, nm, {0}, xp_lora_expand_task};
+    for (int k = 0; k < nm; k++) {
+        const xp_linear *l = &rt->m->layers[layer].lin[mods[k]];
+        p[k] = (xp_product){l, outs[k]};
+        int max_rank = 0;
+        for (int gi = 0; gi < b->n_groups; gi++) {
+            const xp_row_group *g = &b->groups[gi];
+            const xp_lora_mat *lm =
+                g->slot >= 0 && g->nrows ? xp_lora_get(rt->slots[g->slot], layer, mods[k]) : NULL;
+            if (lm && lm->rank > max_rank) max_rank = lm->rank;
+        }
+        /* shrink and expand, each split finely enough that one row keeps every thread busy */
+        jobs[k] = (xp_lora_job){rt,
+                                b,
+                                layer,
+                                mods[k],
+                                h,
+                                outs[k],
+                                rt->lora_t + (size_t)k * (size_t)rt->max_rows * XP_MAX_LORA_RANK,
+                                (int)l->cols,
+                                (int)l->rows,
+                                (max_rank + XP_LORA_SHRINK_K - 1) / XP_LORA_SHRINK_K,
+                                max_rank ? ((int)l->rows + XP_LORA_EXPAND_O - 1) / XP_LORA_EXPAND_O
+                                         : 0};
+        shrink.first[k + 1] = shrink.first[k] + b->n_groups * jobs[k].shrink_tasks;
+        expand.first[k + 1] = expand.first[k] + b->n_groups * jobs[k].expand_tasks;
     }
-    /* shrink and expand, each split finely enough that a single row keeps every thread busy */
-    xp_lora_job j = {rt,
-                     b,
-                     layer,
-                     mod,
-                     h,
-                     out,
-                     (int)l->cols,
-                     (int)l->rows,
-                     (max_rank + XP_LORA_SHRINK_K - 1) / XP_LORA_SHRINK_K,
-                     ((int)l->rows + XP_LORA_EXPAND_O - 1) / XP_LORA_EXPAND_O};
-    xp_pool_extra shrink = {b->n_groups * j.shrink_tasks, xp_lora_shrink_task, &j};
-    xp_linear_forward(rt->pool, rt->scratch, l, h, b->n, out, max_rank ? &shrink : NULL);
-    if (max_rank) xp_pool_run(rt->pool, b->n_groups * j.expand_tasks, xp_lora_expand_task, &j);
+    xp_pool_extra also = {shrink.first[nm], xp_lora_many_task, &shrink};
+    xp_linear_forward_many(rt->pool, rt->scratch, p, nm, h, b->n, also.n ? &also : NULL);
+    if (expand.first[nm]) xp_pool_run(rt->pool, expand.first[nm], xp_lora_many_task, &expand);
 }
 
 static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
@@ -246,9 +277,8 @@ static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
     float eps = (float)g->rms_norm_eps;
     for (int i = 0; i < n; i++)
         xp_rmsnorm(rt->x + (size_t)i * hid, L->attn_norm, hid, eps, rt->h + (size_t)i * hid);
-    xp_linear_lora(rt, b, layer, XP_MOD_Q, rt->h, rt->q);
-    xp_linear_lora(rt, b, layer, XP_MOD_K, rt->h, rt->k);
-    xp_linear_lora(rt, b, layer, XP_MOD_V, rt->h, rt->v);
+    static const xp_module qkv[] = {XP_MOD_Q, XP_MOD_K, XP_MOD_V};
+    xp_linear_lora(rt, b, layer, qkv, 3, rt->h, (float *const[]){rt->q, rt->k, rt->v});
     for (int i = 0; i < n; i++) {
         for (int hh = 0; hh < H; hh++) {
             float *q = rt->q + ((size_t)i * H + hh) * d;
@@ -265,7 +295,7 @@ static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
     }
     xp_attention(rt->pool, rt->att_scratch, rt->scratch, &rt->kv, g, b, layer, rt->q, rt->att,
                  rt->tiles);
-    xp_linear_lora(rt, b, layer, XP_MOD_O, rt->att, rt->out);
+    xp_linear_lora(rt, b, layer, &(xp_module){XP_MOD_O}, 1, rt->att, &rt->out);
     for (size_t i = 0; i < (size_t)n * hid; i++)
         rt->x[i] += rt->out[i];
 }
@@ -277,13 +307,13 @@ static void xp_mlp_block(xp_runtime *rt, const xp_batch *b, int layer)
     for (int i = 0; i < n; i++)
         xp_rmsnorm(rt->x + (size_t)i * hid, rt->m->layers[layer].mlp_norm, hid,
                    (float)g->rms_norm_eps, rt->h + (size_t)i * hid);
-    xp_linear_lora(rt, b, layer, XP_MOD_GATE, rt->h, rt->gate);
-    xp_linear_lora(rt, b, layer, XP_MOD_UP, rt->h, rt->up);
+    static const xp_module gate_up[] = {XP_MOD_GATE, XP_MOD_UP};
+    xp_linear_lora(rt, b, layer, gate_up, 2, rt->h, (float *const[]){rt->gate, rt->up});
     for (size_t i = 0; i < (size_t)n * inter; i++) {
         float a = rt->gate[i];
         rt->gate[i] = a / (1.0f + expf(-a)) * rt->up[i]; /* SiLU(gate) * up */
     }
-    xp_linear_lora(rt, b, layer, XP_MOD_DOWN, rt->gate, rt->out);
+    xp_linear_lora(rt, b, layer, &(xp_module){XP_MOD_DOWN}, 1, rt->gate, &rt->out);
     for (size_t i = 0; i < (size_t)n * hid; i++)
         rt->x[i] += rt->out[i];
 }

@@ -69,6 +69,17 @@ typedef struct {
  * results do not depend on n or on the other rows. */
 void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const float *x, int n,
                        float *y, const xp_pool_extra *also);
+
+#define XP_MAX_PRODUCTS 4
+
+/* Up to XP_MAX_PRODUCTS products of the same x in one pool call (q, k and v; gate and up):
+ * y_k[n, rows_k] = x W_k^T, the same bits as one xp_linear_forward each. */
+typedef struct {
+    const xp_linear *l;
+    float *y;
+} xp_product;
+void xp_linear_forward_many(xp_pool *pool, float **scratch, const xp_product *p, int np,
+                            const float *x, int n, const xp_pool_extra *also);
 /* The same, one row at a time through the scalar references. */
 void xp_linear_forward_ref(const xp_linear *l, const float *x, int n, float *y);
 

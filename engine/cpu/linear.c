@@ -174,12 +174,13 @@ static void xp_tile_rows_ref(const float *w, int64_t nw, const float *x, int n, 
 }
 
 typedef struct {
-    const xp_linear *l;
+    const xp_product *p;
+    int np;
     const float *x;
-    float *y;
     float **scratch;
-    int n, ntasks;
-    int64_t tile; /* weight rows per task */
+    int n;
+    int first[XP_MAX_PRODUCTS + 1]; /* product k's tasks are [first[k], first[k + 1]) */
+    int64_t tile[XP_MAX_PRODUCTS];  /* weight rows per task */
     const xp_pool_extra *also;
 } xp_linear_job;
 
@@ -222,13 +223,17 @@ void xp_linear_rows(const xp_linear *l, int64_t r0, int64_t r1, const float *x, 
 static void xp_linear_task(void *ctx, int task, int thread)
 {
     const xp_linear_job *j = ctx;
-    if (task >= j->ntasks) {
-        j->also->fn(j->also->ctx, task - j->ntasks, thread);
+    if (task >= j->first[j->np]) {
+        j->also->fn(j->also->ctx, task - j->first[j->np], thread);
         return;
     }
-    const xp_linear *l = j->l;
-    int64_t r0 = (int64_t)task * j->tile, r1 = r0 + j->tile < l->rows ? r0 + j->tile : l->rows;
-    xp_linear_rows(l, r0, r1, j->x, j->n, j->y, l->rows, j->scratch[thread]);
+    int k = 0;
+    while (task >= j->first[k + 1])
+        k++;
+    const xp_linear *l = j->p[k].l;
+    int64_t r0 = (int64_t)(task - j->first[k]) * j->tile[k];
+    int64_t r1 = r0 + j->tile[k] < l->rows ? r0 + j->tile[k] : l->rows;
+    xp_linear_rows(l, r0, r1, j->x, j->n, j->p[k].y, l->rows, j->scratch[thread]);
 }
 
 float xp_exp_sum_ref(float *s, int n, float m)
@@ -264,31 +269,43 @@ void xp_lora_expand(const void *bt, int bf16, int64_t ldb, int rank, const float
     (k ? k->lora_expand : xp_lora_expand_ref)(bt, bf16, ldb, rank, t, ldt, n, out, ldo, o0, len);
 }
 
-void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const float *x, int n,
-                       float *y, const xp_pool_extra *also)
+/* Weight rows per task of l for n input rows on `threads` threads. */
+static int64_t xp_linear_tile(const xp_linear *l, int n, int threads)
+{
+    if (n <= 4 && xp_fused_kernel(l))
+        /* no scratch to fit: two long runs of rows per thread. Small tasks (tens of KB) halved
+         * decode's bandwidth: each restart costs the prefetchers their run-up and the threads
+         * share cache lines of y at every boundary. */
+        return (l->rows + 2 * threads - 1) / (2 * threads);
+    int64_t tile = XP_TILE_FLOATS / l->cols;
+    /* at least a few tasks per thread so the threads finish together */
+    int64_t per = (l->rows + 4 * threads - 1) / (4 * threads);
+    if (tile > per) tile = per;
+    tile = tile / XP_TILE_MIN_ROWS * XP_TILE_MIN_ROWS;
+    return tile < XP_TILE_MIN_ROWS ? XP_TILE_MIN_ROWS : tile;
+}
+
+void xp_linear_forward_many(xp_pool *pool, float **scratch, const xp_product *p, int np,
+                            const float *x, int n, const xp_pool_extra *also)
 {
     int extra = also ? also->n : 0;
     if (n < 1) { /* a step may want no logits */
         if (extra) xp_pool_run(pool, extra, also->fn, also->ctx);
         return;
     }
-    int threads = xp_pool_threads(pool);
-    int64_t tile;
-    if (n <= 4 && xp_fused_kernel(l)) {
-        /* no scratch to fit: two long runs of rows per thread. Small tasks (tens of KB) halved
-         * decode's bandwidth: each restart costs the prefetchers their run-up and the threads
-         * share cache lines of y at every boundary. */
-        tile = (l->rows + 2 * threads - 1) / (2 * threads);
-    } else {
-        tile = XP_TILE_FLOATS / l->cols;
-        /* at least a few tasks per thread so the threads finish together */
-        int64_t per = (l->rows + 4 * threads - 1) / (4 * threads);
-        if (tile > per) tile = per;
-        tile = tile / XP_TILE_MIN_ROWS * XP_TILE_MIN_ROWS;
-        if (tile < XP_TILE_MIN_ROWS) tile = XP_TILE_MIN_ROWS;
+    xp_linear_job j = {.p = p, .np = np, .x = x, .scratch = scratch, .n = n, .also = also};
+    for (int k = 0; k < np; k++) {
+        j.tile[k] = xp_linear_tile(p[k].l, n, xp_pool_threads(pool));
+        j.first[k + 1] = j.first[k] + (int)((p[k].l->rows + j.tile[k] - 1) / j.tile[k]);
     }
-    xp_linear_job j = {l, x, y, scratch, n, (int)((l->rows + tile - 1) / tile), tile, also};
-    xp_pool_run(pool, j.ntasks + extra, xp_linear_task, &j);
+    xp_pool_run(pool, j.first[np] + extra, xp_linear_task, &j);
+}
+
+void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const float *x, int n,
+                       float *y, const xp_pool_extra *also)
+{
+    xp_product p = {l, y};
+    xp_linear_forward_many(pool, scratch, &p, 1, x, n, also);
 }
 
 void xp_linear_forward_ref(const xp_linear *l, const float *x, int n, float *y)

@@ -422,6 +422,38 @@ static void test_linear_carries_extra_tasks(void **state)
     free_weight(&k);
 }
 
+/* Several products of the same rows in one pool call give each one's bits. */
+static void test_linear_forward_many(void **state)
+{
+    tk_weight w[3] = {make_weight(XP_F8_E4M3, 70, 130, 128, 64, 1),
+                      make_weight(XP_BF16, 13, 130, 0, 0, 2),
+                      make_weight(XP_F8_E4M3, 260, 130, 32, 32, 3)};
+    float x[9 * 130], *y[3], *want = malloc(9 * 260 * 4);
+    for (int i = 0; i < 9 * 130; i++)
+        x[i] = (float)((i * 37) % 19) * 0.1f - 0.9f;
+    xp_pool *pool = xp_pool_create(3);
+    float *scratch[3];
+    for (int t = 0; t < 3; t++)
+        scratch[t] = malloc(xp_linear_scratch_floats(130) * 4);
+    for (int n = 1; n <= 9; n += 4) {
+        xp_product p[3];
+        for (int k = 0; k < 3; k++)
+            p[k] = (xp_product){&w[k].l, y[k] = malloc((size_t)(9 * w[k].l.rows) * 4)};
+        xp_linear_forward_many(pool, scratch, p, 3, x, n, NULL);
+        for (int k = 0; k < 3; k++) {
+            xp_linear_forward(pool, scratch, &w[k].l, x, n, want, NULL);
+            assert_memory_equal(y[k], want, (size_t)(n * w[k].l.rows) * 4);
+            free(y[k]);
+        }
+    }
+    for (int t = 0; t < 3; t++)
+        free(scratch[t]);
+    xp_pool_destroy(pool);
+    for (int k = 0; k < 3; k++)
+        free_weight(&w[k]);
+    free(want);
+}
+
 static void inc(void *ctx, int task, int thread)
 {
     int *hits = ctx;
@@ -485,6 +517,7 @@ int main(void)
         cmocka_unit_test(test_blocked_kernels_scalar),
         cmocka_unit_test(test_lora_expand_matches_axpy_form),
         cmocka_unit_test(test_linear_carries_extra_tasks),
+        cmocka_unit_test(test_linear_forward_many),
         cmocka_unit_test(test_pool_runs_every_task_once),
         cmocka_unit_test(test_pool_back_to_back_calls),
     };
