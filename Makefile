@@ -125,7 +125,8 @@ deps:
 unit: $(UNITS)
 	scripts/run-unit.sh $(UNITS)
 	@# the kernels again one instruction-set level down (AVX2 where AVX-512 was chosen)
-	XPREC_SIMD=avx2 scripts/run-unit.sh $(BUILD)/tests/test_cpu_kernels $(BUILD)/tests/test_engine
+	XPREC_SIMD=avx2 scripts/run-unit.sh $(BUILD)/tests/test_cpu_kernels $(BUILD)/tests/test_attention \
+	    $(BUILD)/tests/test_engine
 
 unit-san: $(UNITS_SAN) $(XPREC_SAN)
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \

@@ -72,6 +72,14 @@ typedef struct {
     XP_STR("backend", d, "cpu|cuda|auto", "where the model runs (default auto: CUDA when built in\n" \
                                           "and a GPU is there, else the CPU)")
 #define XP_OPT_MODEL(d) XP_STR_REQ("model", d, "DIR", "checkpoint directory (BF16 or FP8)")
+#define XP_OPT_ROPE_SCALING(d)                                                              \
+    XP_STR("rope-scaling", d, "JSON",                                                       \
+           "replace config.json's rope_scaling, e.g. {\"rope_type\":\"yarn\",\"factor\":2,\n" \
+           "\"original_max_position_embeddings\":32768}; null: plain RoPE")
+#define XP_OPT_LM_HEAD(d) \
+    XP_CHOICE("lm-head", d, "stored|fp8", "lm_head as stored, or as FP8 blocks quantized at load")
+#define XP_OPT_KV_DTYPE(d) \
+    XP_STR("kv-dtype", d, "bf16|f32|fp8", "KV cache element (default bf16; $XPREC_KV_DTYPE)")
 #define XP_OPT_SEED(d, h) XP_INT("seed", d, 0, XP_MAX_SEED, "N", h)
 #define XP_OPT_MAX_SHARD(d)                                                               \
     XP_INT("max-shard-mb", d, 1, XP_MAX_SHARD_MB, "N",                                    \

@@ -73,14 +73,15 @@ static double xp_rss_mb(void)
 }
 
 static int xp_bench_run(const char *model, const char *adir, int batch, int k, int plen, int glen,
-                        int threads, const char *backend, size_t block_bytes, xp_bench_result *res)
+                        const xp_engine_opts *base, size_t block_bytes, xp_bench_result *res)
 {
-    /* a cache with room for every sequence's prompt and reply, so all run at once */
-    xp_engine_opts o = {.threads = threads, .max_batch = batch, .max_adapters = k > 0 ? k : 1,
-                        .prefill_chunk = batch * plen > 256 ? batch * plen : 256,
-                        .kv_bytes = block_bytes * (size_t)batch *
-                                    (size_t)((plen + glen + 15) / 16),
-                        .backend = backend};
+    /* a cache with room for every sequence's prompt and reply, so all run at once; the whole
+     * prefill in one step unless --prefill-chunk caps it */
+    xp_engine_opts o = *base;
+    o.max_batch = batch;
+    o.max_adapters = k > 0 ? k : 1;
+    if (!o.prefill_chunk) o.prefill_chunk = batch * plen > 256 ? batch * plen : 256;
+    o.kv_bytes = block_bytes * (size_t)batch * (size_t)((plen + glen + 15) / 16);
     xp_engine *e = xp_engine_create(model, &o);
     if (!e) return -1;
     xp_queue *q = xp_queue_create();
@@ -143,9 +144,10 @@ out:
 
 int xp_cmd_bench(int argc, char **argv)
 {
-    const char *model = NULL, *backend = NULL;
+    const char *model = NULL, *backend = NULL, *kv_dtype = NULL;
     xp_opt_ints batches = {.v = {1, 8, 32}, .n = 3};
-    long k = 0, rank = 16, plen = 64, glen = 32, threads = 0;
+    long k = 0, rank = 16, plen = 64, glen = 32, threads = 0, chunk = 0;
+    int lm_head = 0;
     xp_opt opts[] = {
         XP_OPT_MODEL(&model),
         XP_INTS("batch", &batches, 1, 1024, 16, "B,B,...", "batch sizes to run (default 1,8,32)"),
@@ -153,14 +155,19 @@ int xp_cmd_bench(int argc, char **argv)
         XP_INT("rank", &rank, 1, XP_MAX_LORA_RANK, "R", "rank of those adapters (default 16)"),
         XP_INT("prompt-len", &plen, 1, 32768, "P", "prompt tokens per sequence (default 64)"),
         XP_INT("gen-len", &glen, 2, 32768, "G", "generated tokens per sequence (default 32)"),
+        XP_INT("prefill-chunk", &chunk, 1, 1 << 20, "N",
+               "token rows per step (default: every prompt in one step)"),
+        XP_OPT_KV_DTYPE(&kv_dtype),
+        XP_OPT_LM_HEAD(&lm_head),
         XP_OPT_THREADS(&threads),
         XP_OPT_BACKEND(&backend),
         XP_OPT_END};
     const xp_cmd cmd = {
         .name = "bench",
         .usage = "usage: xprec bench --model DIR [--batch 1,8,32] [--adapters K --rank R]\n"
-                 "                   [--prompt-len P] [--gen-len G] [--threads N]\n"
-                 "                   [--backend cpu|cuda|auto]\n",
+                 "                   [--prompt-len P] [--gen-len G] [--prefill-chunk N]\n"
+                 "                   [--kv-dtype bf16|f32|fp8] [--lm-head stored|fp8]\n"
+                 "                   [--threads N] [--backend cpu|cuda|auto]\n",
         .about = "Prefill and decode tokens/s, per-step time and decode's weight traffic as a\n"
                  "share of the memory read bandwidth measured in the same run; with --adapters,\n"
                  "every batch also runs with K distinct random rank-R adapters.\n",
@@ -171,7 +178,12 @@ int xp_cmd_bench(int argc, char **argv)
     /* a small engine on the same backend: what a step streams, a KV block's size, and the read
      * bandwidth of the memory the weights live in (host or device); made first, so that a bad
      * --model is reported as what it is */
-    xp_engine_opts probe = {.threads = nt, .kv_bytes = 64u << 20, .max_batch = 1, .backend = backend};
+    xp_engine_opts eo = {.threads = nt, .backend = backend, .kv_dtype = kv_dtype,
+                         .lm_head_fp8 = lm_head, .prefill_chunk = (int)chunk};
+    xp_engine_opts probe = eo;
+    probe.kv_bytes = 64u << 20;
+    probe.max_batch = 1;
+    probe.prefill_chunk = 0;
     xp_engine *pe = xp_engine_create(model, &probe);
     if (!pe) {
         fprintf(stderr, "xprec bench: %s\n", xp_last_error());
@@ -204,7 +216,7 @@ int xp_cmd_bench(int argc, char **argv)
         int b = (int)batches.v[bi];
         for (int with = 0; with <= (k > 0) && rc == 0; with++) {
             xp_bench_result r;
-            if (xp_bench_run(model, adir, b, with ? (int)k : 0, (int)plen, (int)glen, nt, backend,
+            if (xp_bench_run(model, adir, b, with ? (int)k : 0, (int)plen, (int)glen, &eo,
                              block_bytes, &r) < 0) {
                 fprintf(stderr, "xprec bench: %s\n", xp_last_error());
                 rc = 1;

@@ -44,7 +44,7 @@ typedef struct {
 static int xp_fid_open(xp_fid_model *f, const char *dir, int ctx, int threads, const char *backend)
 {
     memset(f, 0, sizeof *f);
-    if (xp_model_load(dir, &f->m) < 0) return -1;
+    if (xp_model_load(dir, NULL, &f->m) < 0) return -1;
     f->vocab = f->m->cfg.vocab_size;
     if (!(f->r = xp_runner_create(f->m, backend, threads, ctx, XP_FID_CHUNK))) return -1;
     return 0;

@@ -16,8 +16,10 @@ static const char *xp_finish_name(xp_finish f)
 int xp_cmd_generate(int argc, char **argv)
 {
     const char *model = NULL, *use = NULL, *prompt = NULL, *chat = NULL, *backend = NULL;
+    const char *rope = NULL, *kv_dtype = NULL;
     xp_opt_list adapters = {0}, stops = {0};
     long max_tokens = 64, top_k = 0, seed = 0, threads = 0, kv_mb = 0;
+    int lm_head = 0;
     double temp = 0, top_p = 1;
     xp_opt opts[] = {
         XP_OPT_MODEL(&model),
@@ -36,6 +38,9 @@ int xp_cmd_generate(int argc, char **argv)
         XP_LIST("stop", &stops, 16, "STRING", "end the reply before STRING (repeatable)"),
         XP_OPT_THREADS(&threads),
         XP_INT("kv-mb", &kv_mb, 1, 1 << 20, "N", "KV cache size in MB (default: the engine's)"),
+        XP_OPT_KV_DTYPE(&kv_dtype),
+        XP_OPT_ROPE_SCALING(&rope),
+        XP_OPT_LM_HEAD(&lm_head),
         XP_OPT_BACKEND(&backend),
         XP_OPT_END};
     const xp_cmd cmd = {
@@ -44,6 +49,8 @@ int xp_cmd_generate(int argc, char **argv)
                  "                      (--prompt TEXT | --chat JSON) [--max-tokens N]\n"
                  "                      [--temperature T] [--top-p P] [--top-k K] [--seed S]\n"
                  "                      [--stop STRING ...] [--threads N] [--kv-mb N]\n"
+                 "                      [--kv-dtype bf16|f32|fp8] [--rope-scaling JSON]\n"
+                 "                      [--lm-head stored|fp8]\n"
                  "                      [--backend cpu|cuda|auto]\n",
         .about = "Streams the reply to stdout; usage and the finish reason go to stderr.\n",
         .opts = opts};
@@ -58,7 +65,8 @@ int xp_cmd_generate(int argc, char **argv)
             return xp_cmd_usage_error(&cmd, "--adapter needs NAME=DIR, got \"%s\"", adapters.v[i]);
     int nad = adapters.n;
     xp_engine_opts eo = {.threads = (int)threads, .kv_bytes = (size_t)kv_mb << 20, .max_batch = 1,
-                         .max_adapters = nad > 0 ? nad : 1, .backend = backend};
+                         .max_adapters = nad > 0 ? nad : 1, .backend = backend,
+                         .kv_dtype = kv_dtype, .rope_scaling = rope, .lm_head_fp8 = lm_head};
     xp_engine *e = NULL;
     xp_queue *q = NULL;
     xp_chat_arg ca = {0};

@@ -40,8 +40,9 @@ static int xp_parse_ids(const char *s, int32_t **ids, size_t *n)
     return 0;
 }
 
-static int xp_score(const char *model_dir, const char *adapter, const int32_t *ids, size_t n,
-                    const char *out, int threads, const char *backend)
+static int xp_score(const char *model_dir, const xp_model_opts *mo, const char *adapter,
+                    const int32_t *ids, size_t n, const char *out, int threads,
+                    const char *backend)
 {
     xp_model *m = NULL;
     xp_lora_weights lw = {0};
@@ -49,9 +50,9 @@ static int xp_score(const char *model_dir, const char *adapter, const int32_t *i
     float *logits = NULL;
     FILE *fp = NULL;
     int rc = -1;
-    if (xp_model_load(model_dir, &m) < 0) goto done;
-    if ((int64_t)n > m->cfg.max_position_embeddings) {
-        xp_fail("%zu tokens exceed the context of %d", n, m->cfg.max_position_embeddings);
+    if (xp_model_load(model_dir, mo, &m) < 0) goto done;
+    if ((int64_t)n > xp_qwen3_positions(&m->cfg)) {
+        xp_fail("%zu tokens exceed the context of %d", n, xp_qwen3_positions(&m->cfg));
         goto done;
     }
     if (adapter && xp_lora_load(adapter, &m->cfg, &lw) < 0) goto done;
@@ -83,19 +84,24 @@ done:
 int xp_cmd_score(int argc, char **argv)
 {
     const char *model = NULL, *adapter = NULL, *text = NULL, *tokens = NULL, *out = NULL;
-    const char *backend = NULL;
+    const char *backend = NULL, *rope = NULL;
     long threads = 0;
+    int lm_head = 0;
     xp_opt opts[] = {XP_OPT_MODEL(&model),
                      XP_STR("adapter", &adapter, "DIR", "a PEFT LoRA adapter to apply"),
                      XP_STR("text", &text, "TEXT", "the sequence as text (needs the tokenizer)"),
                      XP_STR("tokens", &tokens, "1,2,3", "the sequence as token ids"),
                      XP_STR_REQ("out", &out, "FILE.npy", "where the logits go"),
-                     XP_OPT_THREADS(&threads), XP_OPT_BACKEND(&backend), XP_OPT_END};
+                     XP_OPT_ROPE_SCALING(&rope), XP_OPT_LM_HEAD(&lm_head),
+                     XP_OPT_THREADS(&threads),
+                     XP_OPT_BACKEND(&backend), XP_OPT_END};
     const xp_cmd cmd = {
         .name = "score",
         .usage = "usage: xprec score --model DIR [--adapter DIR] (--text TEXT | --tokens 1,2,3)\n"
-                 "                   --out FILE.npy [--threads N] [--backend cpu|cuda|auto]\n",
-        .about = "Writes the logits of every position as a float32 .npy [positions, vocab].\n",
+                 "                   --out FILE.npy [--rope-scaling JSON] [--lm-head stored|fp8]\n"
+                 "                   [--threads N] [--backend cpu|cuda|auto]\n",
+        .about = "Writes the logits of every position as a float32 .npy [positions, vocab].\n"
+                 "$XPREC_KV_DTYPE (bf16, f32, fp8) picks the KV cache's element.\n",
         .opts = opts};
     int st = xp_cmd_parse(&cmd, argc, argv);
     if (st >= 0) return st;
@@ -111,8 +117,10 @@ int xp_cmd_score(int argc, char **argv)
         xp_tokenizer_free(tk);
         if (rc == 0 && n == 0) rc = xp_fail("--text encodes to no tokens");
     }
+    xp_model_opts mo = {.rope_scaling = rope, .lm_head_fp8 = lm_head};
     if (rc == 0)
-        rc = xp_score(model, adapter, ids, n, out, threads ? (int)threads : xp_cpu_count(), backend);
+        rc = xp_score(model, &mo, adapter, ids, n, out, threads ? (int)threads : xp_cpu_count(),
+                      backend);
     free(ids);
     if (rc < 0) {
         fprintf(stderr, "xprec score: %s\n", xp_last_error());

@@ -28,11 +28,11 @@ typedef struct {
 /* in the order of --preset's choices */
 static const xp_qwen3_config xp_presets[] = {
     /* tiny, for tests: the real vocabulary, GQA, hidden and intermediate not multiples of 128 */
-    {320, 800, 2, 4, 2, 64, 151936, 40960, 1e-6, 1e6, 0},
+    {320, 800, 2, 4, 2, 64, 151936, 40960, 1e-6, 1e6, 0, {0}},
     /* small, for benchmarks: exactly Qwen3-0.6B's shape */
-    {1024, 3072, 28, 16, 8, 128, 151936, 40960, 1e-6, 1e6, 1},
+    {1024, 3072, 28, 16, 8, 128, 151936, 40960, 1e-6, 1e6, 1, {0}},
     /* qwen3-32b, for GPU benchmarks: Qwen3-32B's shape */
-    {5120, 25600, 64, 64, 8, 128, 151936, 40960, 1e-6, 1e6, 0},
+    {5120, 25600, 64, 64, 8, 128, 151936, 40960, 1e-6, 1e6, 0, {0}},
 };
 
 static const char xp_generation_config[] =

@@ -49,6 +49,8 @@ typedef struct {
     int adapter_slots; /* adapters that can be loaded at once */
     size_t kv_bytes;   /* KV storage budget, */
     int kv_blocks;     /* or an exact block count when > 0 */
+    const char *kv_dtype; /* KV element: "f32", "bf16", "fp8", or NULL/"" for the backend's
+                             default (the CPU's: $XPREC_KV_DTYPE, else bf16) */
     int device;        /* a device backend's device index; 0: its default */
 } xp_backend_opts;
 
@@ -56,8 +58,9 @@ typedef struct xp_backend xp_backend;
 
 struct xp_backend {
     const char *name;
-    /* Bytes one KV block of m takes in this backend's storage. */
-    size_t (*kv_block_bytes)(const xp_model *m);
+    /* Bytes one KV block of m takes in this backend's storage under options o (0 when o asks
+     * for a KV dtype the backend does not have). */
+    size_t (*kv_block_bytes)(const xp_model *m, const xp_backend_opts *o);
     /* Prepares to run m: weights where the backend wants them, KV storage for *kv_blocks blocks
      * (set from o->kv_blocks, or as many as o->kv_bytes holds), working memory for o->max_rows
      * rows and o->max_ctx positions. NULL + xp_last_error(). */

@@ -28,7 +28,14 @@ typedef struct {
     int prefill_chunk;   /* token rows per step; 0 = 256 */
     const char *backend; /* "cpu" (default), "cuda", or "auto" (CUDA when built in and a GPU
                             is present, else CPU); NULL: $XPREC_BACKEND, else "cpu" */
+    const char *kv_dtype; /* KV cache element: "bf16", "f32" or "fp8"; NULL: the backend's
+                             default (CPU: $XPREC_KV_DTYPE, else bf16) */
     int device;          /* CUDA device index; 0: $XPREC_CUDA_DEVICE, else the first */
+    const char *rope_scaling; /* a rope_scaling object (JSON) replacing config.json's, e.g.
+                                 {"rope_type":"yarn","factor":2,
+                                 "original_max_position_embeddings":32768}; "null" for plain
+                                 RoPE; NULL: the file's */
+    int lm_head_fp8;          /* hold lm_head as FP8 blocks, quantized at load */
 } xp_engine_opts;
 
 #define XP_MAX_TOP_LOGPROBS 20

@@ -1,5 +1,6 @@
 /* The CPU backend: the reference forward pass of forward.c behind the backend table, and the
- * host memory bandwidth probe bench compares decode's weight traffic against. */
+ * host memory bandwidth probe bench compares decode's weight traffic against. KV storage is
+ * BF16 unless the options (or $XPREC_KV_DTYPE) ask for f32 or fp8. */
 #include "backend.h"
 #include "cpu/forward.h"
 #include "cpu/kv_store.h"
@@ -9,10 +10,12 @@
 #include <string.h>
 
 
-static size_t xp_cpu_kv_block_bytes(const xp_model *m)
+static size_t xp_cpu_kv_block_bytes(const xp_model *m, const xp_backend_opts *o)
 {
-    return xp_kv_store_block_bytes(m->cfg.num_hidden_layers,
-                                   m->cfg.num_key_value_heads * m->cfg.head_dim);
+    xp_kv_type t;
+    if (xp_kv_type_parse(o ? o->kv_dtype : NULL, &t) < 0) return 0;
+    return xp_kv_store_block_bytes(t, m->cfg.num_hidden_layers, m->cfg.num_key_value_heads,
+                                   m->cfg.head_dim);
 }
 
 static void *xp_cpu_create(const xp_model *m, const xp_backend_opts *o, int *kv_blocks)

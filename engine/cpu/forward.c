@@ -5,6 +5,7 @@
  *              h = rmsnorm(x); x += down(silu(gate(h)) * up(h))
  *   logits = rmsnorm(x) lm_head^T, for the rows asked for. */
 #include "cpu/forward.h"
+#include "cpu/attention.h"
 #include "cpu/kernels.h"
 #include "cpu/kv_store.h"
 #include "cpu/ops.h"
@@ -29,9 +30,11 @@ struct xp_runtime {
     uint32_t *slot_gen;
     int threads, max_rows, max_ctx;
     float **scratch;     /* per thread, for the linear kernels */
-    float **att_scratch; /* per thread, attention scores */
-    float **lora_tmp;    /* per thread: an expand run of outputs */
-    float *lora_t;       /* [max_rows, XP_MAX_LORA_RANK]: each row's shrunk input */
+    float **att_scratch; /* per thread, attention's tile */
+    xp_att_tile *tiles;  /* [max_rows] */
+    float *lora_t;       /* [3][max_rows][XP_MAX_LORA_RANK]: each row's shrunk input, for up to
+                            three modules at once */
+    float *rope; /* [max_rows][head_dim]: each row's RoPE table */
     float *x, *h, *q, *k, *v, *att, *gate, *up, *out;
 };
 
@@ -44,8 +47,10 @@ xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *
 {
     const xp_qwen3_config *g = &m->cfg;
     int max_rows = o->max_rows, max_ctx = o->max_ctx;
-    int kv_width = g->num_key_value_heads * g->head_dim;
-    size_t per = xp_kv_store_block_bytes(g->num_hidden_layers, kv_width);
+    xp_kv_type kt;
+    if (xp_kv_type_parse(o->kv_dtype, &kt) < 0) return NULL;
+    size_t per = xp_kv_store_block_bytes(kt, g->num_hidden_layers, g->num_key_value_heads,
+                                         g->head_dim);
     int64_t nb = o->kv_blocks > 0 ? o->kv_blocks : (int64_t)(o->kv_bytes / per);
     if (nb > 1 << 24) nb = 1 << 24;
     if (nb < 1) {
@@ -58,7 +63,8 @@ xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *
     rt->m = m;
     rt->max_rows = max_rows;
     rt->max_ctx = max_ctx;
-    if (xp_kv_store_init(&rt->kv, g->num_hidden_layers, kv_width, (int)nb) < 0) {
+    if (xp_kv_store_init(&rt->kv, kt, g->num_hidden_layers, g->num_key_value_heads, g->head_dim,
+                         (int)nb) < 0) {
         xp_runtime_destroy(rt);
         return NULL;
     }
@@ -79,19 +85,17 @@ xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *
         maxc = (int64_t)g->num_attention_heads * g->head_dim;
     rt->scratch = calloc((size_t)rt->threads, sizeof *rt->scratch);
     rt->att_scratch = calloc((size_t)rt->threads, sizeof *rt->att_scratch);
-    rt->lora_tmp = calloc((size_t)rt->threads, sizeof *rt->lora_tmp);
-    if (!rt->scratch || !rt->att_scratch || !rt->lora_tmp) goto oom;
+    if (!rt->scratch || !rt->att_scratch) goto oom;
     for (int t = 0; t < rt->threads; t++) {
-        if (!(rt->lora_tmp[t] = xp_falloc(XP_LORA_EXPAND_O))) goto oom;
         rt->scratch[t] = xp_falloc(xp_linear_scratch_floats(maxc));
-        /* attention: a KV group's scores and their sums */
-        int group = g->num_attention_heads / g->num_key_value_heads;
-        rt->att_scratch[t] = xp_falloc((size_t)group * ((size_t)max_ctx + 1));
+        rt->att_scratch[t] = xp_falloc(xp_attention_scratch_floats(g));
         if (!rt->scratch[t] || !rt->att_scratch[t]) goto oom;
     }
     size_t n = (size_t)max_rows, qd = (size_t)g->num_attention_heads * (size_t)g->head_dim,
            kvd = (size_t)g->num_key_value_heads * (size_t)g->head_dim;
-    rt->lora_t = xp_falloc(n * XP_MAX_LORA_RANK);
+    rt->lora_t = xp_falloc(3 * n * XP_MAX_LORA_RANK);
+    rt->tiles = malloc(n * sizeof *rt->tiles);
+    rt->rope = xp_falloc(n * (size_t)g->head_dim);
     rt->x = xp_falloc(n * (size_t)g->hidden_size);
     rt->h = xp_falloc(n * (size_t)g->hidden_size);
     rt->q = xp_falloc(n * qd);
@@ -103,8 +107,8 @@ xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *
 
     rt->out = xp_falloc(n * (size_t)(g->hidden_size > g->intermediate_size ? g->hidden_size
                                                                            : g->intermediate_size));
-    if (!rt->lora_t || !rt->x || !rt->h || !rt->q || !rt->k || !rt->v || !rt->att || !rt->gate ||
-        !rt->up || !rt->out)
+    if (!rt->lora_t || !rt->tiles || !rt->rope || !rt->x || !rt->h || !rt->q || !rt->k ||
+        !rt->v || !rt->att || !rt->gate || !rt->up || !rt->out)
         goto oom;
     *kv_blocks = rt->kv.n_blocks;
     return rt;
@@ -124,6 +128,8 @@ void xp_runtime_destroy(xp_runtime *rt)
     free(rt->scratch);
     free(rt->att_scratch);
     free(rt->lora_t);
+    free(rt->tiles);
+    free(rt->rope);
     free(rt->x);
     free(rt->h);
     free(rt->q);
@@ -132,9 +138,6 @@ void xp_runtime_destroy(xp_runtime *rt)
     free(rt->att);
     free(rt->gate);
     free(rt->up);
-    for (int t = 0; rt->lora_tmp && t < rt->threads; t++)
-        free(rt->lora_tmp[t]);
-    free(rt->lora_tmp);
     free(rt->out);
     free(rt->slots);
     free(rt->slot_gen);
@@ -163,131 +166,106 @@ typedef struct {
     xp_module mod;
     const float *h;
     float *out;
+    float *t; /* [rows][XP_MAX_LORA_RANK]: each row's shrunk input for this module */
     int in, od;
-    int shrink_tasks, expand_tasks; /* per row */
+    int shrink_tasks, expand_tasks; /* per row group */
 } xp_lora_job;
 
-static const xp_lora_mat *xp_lora_row(const xp_lora_job *j, int row)
+/* The LoRA work of several modules in one pool call: task i is job k's task i - first[k]. */
+typedef struct {
+    const xp_lora_job *jobs;
+    int n;
+    int first[XP_MAX_PRODUCTS + 1];
+    void (*fn)(void *ctx, int task, int thread);
+} xp_lora_many;
+
+static void xp_lora_many_task(void *ctx, int task, int thread)
 {
-    const xp_row_group *g = j->b->groups;
-    while (row >= g->row0 + g->nrows)
-        g++;
-    return g->slot >= 0 ? xp_lora_get(j->rt->slots[g->slot], j->layer, j->mod) : NULL;
+    const xp_lora_many *m = ctx;
+    int k = 0;
+    while (task >= m->first[k + 1])
+        k++;
+    m->fn((void *)&m->jobs[k], task - m->first[k], thread);
 }
 
-/* t[row, k] = scale A_k . h_row, for a few k of one row. */
+static const xp_lora_mat *xp_lora_group(const xp_lora_job *j, int gi)
+{
+    const xp_row_group *g = &j->b->groups[gi];
+    return g->slot >= 0 && g->nrows ? xp_lora_get(j->rt->slots[g->slot], j->layer, j->mod) : NULL;
+}
+
+/* t[row, k] = scale A_k . h_row for a few k and every row of one group: A is the weight of a
+ * small matrix product, so the rows share each load of it. */
 static void xp_lora_shrink_task(void *ctx, int task, int thread)
 {
     const xp_lora_job *j = ctx;
-    int row = task / j->shrink_tasks, k0 = task % j->shrink_tasks * XP_LORA_SHRINK_K;
-    const xp_lora_mat *lm = xp_lora_row(j, row);
-    if (!lm) return;
-    const float *hi = j->h + (size_t)row * j->in;
-    float *t = j->rt->lora_t + (size_t)row * XP_MAX_LORA_RANK;
-    for (int k = k0; k < lm->rank && k < k0 + XP_LORA_SHRINK_K; k++)
-        t[k] =
-            lm->scale * (lm->dtype == XP_BF16
-                             ? xp_dot_bf16((const uint16_t *)lm->A + (size_t)k * j->in, hi, j->in)
-                             : xp_dot((const float *)lm->A + (size_t)k * j->in, hi, j->in));
+    int gi = task / j->shrink_tasks, k0 = task % j->shrink_tasks * XP_LORA_SHRINK_K;
+    const xp_lora_mat *lm = xp_lora_group(j, gi);
+    if (!lm || k0 >= lm->rank) return;
+    const xp_row_group *g = &j->b->groups[gi];
+    int k1 = k0 + XP_LORA_SHRINK_K < lm->rank ? k0 + XP_LORA_SHRINK_K : lm->rank;
+    xp_linear A = {.dtype = lm->dtype, .w = lm->A, .rows = lm->rank, .cols = j->in};
+    float *t = j->t + (size_t)g->row0 * XP_MAX_LORA_RANK;
+    xp_linear_rows(&A, k0, k1, j->h + (size_t)g->row0 * j->in, g->nrows, t, XP_MAX_LORA_RANK,
+                   j->rt->scratch[thread]);
+    for (int i = 0; i < g->nrows; i++)
+        for (int k = k0; k < k1; k++)
+            t[(size_t)i * XP_MAX_LORA_RANK + k] *= lm->scale;
 }
 
-/* out[row, o] += sum_k t[row, k] Bt[k, o] for a run of outputs of one row: summed in k order and
- * added once, so each output element sees the same operations whatever the batch and split. */
+/* out[row, o] += sum_k t[row, k] Bt[k, o] for a run of outputs and every row of one group. */
 static void xp_lora_expand_task(void *ctx, int task, int thread)
 {
     const xp_lora_job *j = ctx;
-    int row = task / j->expand_tasks, o0 = task % j->expand_tasks * XP_LORA_EXPAND_O;
-    const xp_lora_mat *lm = xp_lora_row(j, row);
+    int gi = task / j->expand_tasks, o0 = task % j->expand_tasks * XP_LORA_EXPAND_O;
+    const xp_lora_mat *lm = xp_lora_group(j, gi);
     if (!lm) return;
+    const xp_row_group *g = &j->b->groups[gi];
     int len = j->od - o0 < XP_LORA_EXPAND_O ? j->od - o0 : XP_LORA_EXPAND_O;
-    const float *t = j->rt->lora_t + (size_t)row * XP_MAX_LORA_RANK;
-    float *acc = j->rt->lora_tmp[thread], *oi = j->out + (size_t)row * j->od + o0;
-    memset(acc, 0, (size_t)len * sizeof *acc);
-    for (int k = 0; k < lm->rank; k++) {
-        size_t at = (size_t)k * j->od + o0;
-        if (lm->dtype == XP_BF16)
-            xp_axpy_bf16(t[k], (const uint16_t *)lm->Bt + at, acc, len);
-        else
-            xp_axpy(t[k], (const float *)lm->Bt + at, acc, len);
-    }
-    for (int o = 0; o < len; o++)
-        oi[o] += acc[o];
+    xp_lora_expand(lm->Bt, lm->dtype == XP_BF16, j->od, lm->rank,
+                   j->t + (size_t)g->row0 * XP_MAX_LORA_RANK, XP_MAX_LORA_RANK, g->nrows,
+                   j->out + (size_t)g->row0 * j->od, j->od, o0, len);
 }
 
-/* out[n, out_dim] = h W^T, plus each adapter's scale * (h A^T) B^T on its rows. */
-static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, xp_module mod,
-                           const float *h, float *out)
+/* outs[k][n, out_dim_k] = h W_k^T for the modules mods[0..nm) of one layer (all reading h),
+ * plus each adapter's scale * (h A^T) B^T on its rows: one pool call for the products and the
+ * shrinks (which need only h), one for the expands. */
+static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, const xp_module *mods,
+                           int nm, const float *h, float *const *outs)
 {
-    const xp_linear *l = &rt->m->layers[layer].lin[mod];
-    xp_linear_forward(rt->pool, rt->scratch, l, h, b->n, out);
-    int any = 0;
-    for (int gi = 0; gi < b->n_groups && !any; gi++)
-        any = b->groups[gi].slot >= 0 && b->groups[gi].nrows &&
-              xp_lora_get(rt->slots[b->groups[gi].slot], layer, mod);
-    if (!any) return;
-    /* shrink then expand, each split finely enough that a single row keeps every thread busy */
-    int max_rank = 0;
-    for (int gi = 0; gi < b->n_groups; gi++)
-        if (b->groups[gi].slot >= 0 && rt->slots[b->groups[gi].slot]->max_rank > max_rank)
-            max_rank = rt->slots[b->groups[gi].slot]->max_rank;
-    xp_lora_job j = {rt,
-                     b,
-                     layer,
-                     mod,
-                     h,
-                     out,
-                     (int)l->cols,
-                     (int)l->rows,
-                     (max_rank + XP_LORA_SHRINK_K - 1) / XP_LORA_SHRINK_K,
-                     ((int)l->rows + XP_LORA_EXPAND_O - 1) / XP_LORA_EXPAND_O};
-    xp_pool_run(rt->pool, b->n * j.shrink_tasks, xp_lora_shrink_task, &j);
-    xp_pool_run(rt->pool, b->n * j.expand_tasks, xp_lora_expand_task, &j);
-}
-
-typedef struct {
-    xp_runtime *rt;
-    const xp_batch *b;
-    int layer;
-} xp_att_job;
-
-/* One (row, KV head): softmax(q k^T / sqrt(d)) v over the row's positions 0..pos for each query
- * head of the group, in one pass over the shared K and V rows (GQA: read once, not once per
- * query head). Each head's numbers go through the same operations as it would alone. */
-static void xp_attention_task(void *ctx, int task, int thread)
-{
-    const xp_att_job *j = ctx;
-    xp_runtime *rt = j->rt;
-    const xp_qwen3_config *g = &rt->m->cfg;
-    int H = g->num_attention_heads, KV = g->num_key_value_heads, d = g->head_dim, group = H / KV;
-    int row = task / KV, kvh = task % KV, pos = j->b->pos[row], np = pos + 1;
-    const float *q = rt->q + ((size_t)row * H + (size_t)kvh * group) * d;
-    float *o = rt->att + ((size_t)row * H + (size_t)kvh * group) * d;
-    const int32_t *table = j->b->tables[row];
-    /* scratch: scores [group][np], then each head's 1/sum */
-    float *sc = rt->att_scratch[thread], *inv = sc + (size_t)group * np;
-    float scale = 1.0f / sqrtf((float)d);
-    for (int p = 0; p < np; p++) {
-        const float *k = xp_kv_k(&rt->kv, table, j->layer, p) + (size_t)kvh * d;
-        for (int h = 0; h < group; h++)
-            sc[(size_t)h * np + p] = xp_dot(q + (size_t)h * d, k, d) * scale;
-    }
-    for (int h = 0; h < group; h++) {
-        float *s = sc + (size_t)h * np, mx = -INFINITY;
-        for (int p = 0; p < np; p++)
-            if (s[p] > mx) mx = s[p];
-        double sum = 0;
-        for (int p = 0; p < np; p++) {
-            s[p] = expf(s[p] - mx);
-            sum += s[p];
+    xp_product p[XP_MAX_PRODUCTS];
+    xp_lora_job jobs[XP_MAX_PRODUCTS];
+    xp_lora_many shrink = {jobs, nm, {0}, xp_lora_shrink_task},
+                 expand = {jobs, nm, {0}, xp_lora_expand_task};
+    for (int k = 0; k < nm; k++) {
+        const xp_linear *l = &rt->m->layers[layer].lin[mods[k]];
+        p[k] = (xp_product){l, outs[k]};
+        int max_rank = 0;
+        for (int gi = 0; gi < b->n_groups; gi++) {
+            const xp_row_group *g = &b->groups[gi];
+            const xp_lora_mat *lm =
+                g->slot >= 0 && g->nrows ? xp_lora_get(rt->slots[g->slot], layer, mods[k]) : NULL;
+            if (lm && lm->rank > max_rank) max_rank = lm->rank;
         }
-        inv[h] = (float)(1.0 / sum);
+        /* shrink and expand, each split finely enough that one row keeps every thread busy */
+        jobs[k] = (xp_lora_job){rt,
+                                b,
+                                layer,
+                                mods[k],
+                                h,
+                                outs[k],
+                                rt->lora_t + (size_t)k * (size_t)rt->max_rows * XP_MAX_LORA_RANK,
+                                (int)l->cols,
+                                (int)l->rows,
+                                (max_rank + XP_LORA_SHRINK_K - 1) / XP_LORA_SHRINK_K,
+                                max_rank ? ((int)l->rows + XP_LORA_EXPAND_O - 1) / XP_LORA_EXPAND_O
+                                         : 0};
+        shrink.first[k + 1] = shrink.first[k] + b->n_groups * jobs[k].shrink_tasks;
+        expand.first[k + 1] = expand.first[k] + b->n_groups * jobs[k].expand_tasks;
     }
-    memset(o, 0, (size_t)group * d * sizeof *o);
-    for (int p = 0; p < np; p++) {
-        const float *v = xp_kv_v(&rt->kv, table, j->layer, p) + (size_t)kvh * d;
-        for (int h = 0; h < group; h++)
-            xp_axpy(sc[(size_t)h * np + p] * inv[h], v, o + (size_t)h * d, d);
-    }
+    xp_pool_extra also = {shrink.first[nm], xp_lora_many_task, &shrink};
+    xp_linear_forward_many(rt->pool, rt->scratch, p, nm, h, b->n, also.n ? &also : NULL);
+    if (expand.first[nm]) xp_pool_run(rt->pool, expand.first[nm], xp_lora_many_task, &expand);
 }
 
 static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
@@ -299,28 +277,25 @@ static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
     float eps = (float)g->rms_norm_eps;
     for (int i = 0; i < n; i++)
         xp_rmsnorm(rt->x + (size_t)i * hid, L->attn_norm, hid, eps, rt->h + (size_t)i * hid);
-    xp_linear_lora(rt, b, layer, XP_MOD_Q, rt->h, rt->q);
-    xp_linear_lora(rt, b, layer, XP_MOD_K, rt->h, rt->k);
-    xp_linear_lora(rt, b, layer, XP_MOD_V, rt->h, rt->v);
+    static const xp_module qkv[] = {XP_MOD_Q, XP_MOD_K, XP_MOD_V};
+    xp_linear_lora(rt, b, layer, qkv, 3, rt->h, (float *const[]){rt->q, rt->k, rt->v});
     for (int i = 0; i < n; i++) {
         for (int hh = 0; hh < H; hh++) {
             float *q = rt->q + ((size_t)i * H + hh) * d;
             xp_rmsnorm(q, L->q_norm, d, eps, q);
-            xp_rope(q, d, b->pos[i], rt->m->inv_freq);
+            xp_rope(q, d, rt->rope + (size_t)i * d);
         }
         for (int hh = 0; hh < KV; hh++) {
             float *k = rt->k + ((size_t)i * KV + hh) * d;
             xp_rmsnorm(k, L->k_norm, d, eps, k);
-            xp_rope(k, d, b->pos[i], rt->m->inv_freq);
+            xp_rope(k, d, rt->rope + (size_t)i * d);
         }
-        memcpy(xp_kv_k(&rt->kv, b->tables[i], layer, b->pos[i]), rt->k + (size_t)i * KV * d,
-               (size_t)KV * d * sizeof(float));
-        memcpy(xp_kv_v(&rt->kv, b->tables[i], layer, b->pos[i]), rt->v + (size_t)i * KV * d,
-               (size_t)KV * d * sizeof(float));
+        xp_kv_store_put(&rt->kv, b->tables[i], layer, b->pos[i], rt->k + (size_t)i * KV * d,
+                        rt->v + (size_t)i * KV * d);
     }
-    xp_att_job j = {rt, b, layer};
-    xp_pool_run(rt->pool, n * KV, xp_attention_task, &j);
-    xp_linear_lora(rt, b, layer, XP_MOD_O, rt->att, rt->out);
+    xp_attention(rt->pool, rt->att_scratch, rt->scratch, &rt->kv, g, b, layer, rt->q, rt->att,
+                 rt->tiles);
+    xp_linear_lora(rt, b, layer, &(xp_module){XP_MOD_O}, 1, rt->att, &rt->out);
     for (size_t i = 0; i < (size_t)n * hid; i++)
         rt->x[i] += rt->out[i];
 }
@@ -332,13 +307,13 @@ static void xp_mlp_block(xp_runtime *rt, const xp_batch *b, int layer)
     for (int i = 0; i < n; i++)
         xp_rmsnorm(rt->x + (size_t)i * hid, rt->m->layers[layer].mlp_norm, hid,
                    (float)g->rms_norm_eps, rt->h + (size_t)i * hid);
-    xp_linear_lora(rt, b, layer, XP_MOD_GATE, rt->h, rt->gate);
-    xp_linear_lora(rt, b, layer, XP_MOD_UP, rt->h, rt->up);
+    static const xp_module gate_up[] = {XP_MOD_GATE, XP_MOD_UP};
+    xp_linear_lora(rt, b, layer, gate_up, 2, rt->h, (float *const[]){rt->gate, rt->up});
     for (size_t i = 0; i < (size_t)n * inter; i++) {
         float a = rt->gate[i];
         rt->gate[i] = a / (1.0f + expf(-a)) * rt->up[i]; /* SiLU(gate) * up */
     }
-    xp_linear_lora(rt, b, layer, XP_MOD_DOWN, rt->gate, rt->out);
+    xp_linear_lora(rt, b, layer, &(xp_module){XP_MOD_DOWN}, 1, rt->gate, &rt->out);
     for (size_t i = 0; i < (size_t)n * hid; i++)
         rt->x[i] += rt->out[i];
 }
@@ -362,6 +337,8 @@ int xp_forward(xp_runtime *rt, const xp_batch *b)
         if (b->pos[i] < 0 || b->pos[i] >= rt->max_ctx)
             return xp_fail("position %d is outside the context (%d)", b->pos[i], rt->max_ctx);
         xp_linear_row(&rt->m->embed, b->tokens[i], rt->x + (size_t)i * hid);
+        xp_rope_table(b->pos[i], rt->m->inv_freq, g->head_dim,
+                      rt->rope + (size_t)i * g->head_dim);
     }
     for (int l = 0; l < g->num_hidden_layers; l++) {
         xp_attention_block(rt, b, l);
@@ -370,7 +347,7 @@ int xp_forward(xp_runtime *rt, const xp_batch *b)
     for (int i = 0; i < b->n_out; i++)
         xp_rmsnorm(rt->x + (size_t)b->out_rows[i] * hid, rt->m->final_norm, hid,
                    (float)g->rms_norm_eps, rt->h + (size_t)i * hid);
-    xp_linear_forward(rt->pool, rt->scratch, &rt->m->lm_head, rt->h, b->n_out, b->logits);
+    xp_linear_forward(rt->pool, rt->scratch, &rt->m->lm_head, rt->h, b->n_out, b->logits, NULL);
     return 0;
 }
 

@@ -1,40 +1,46 @@
 /* Weight-streaming matrix products: y = x W^T with W in FP8 blocks, BF16, F16 or F32.
  *
- * A tile of weight rows is decoded into a cache-sized F32 buffer (the weights stream from memory
- * once per call, whatever the number of input rows) and dotted with the input rows, four at a
- * time. Every output element is one dot product computed in the same order whatever the batch
- * holds, so a request gets bit-identical logits alone and in any batch (batch invariance). */
+ * Few input rows (decode): the weights are decoded in registers as they stream from memory.
+ * More rows: a tile of weight rows is decoded once into a cache-sized F32 buffer (the weights
+ * still stream from memory once per call) and register-blocked kernels meet it with every input
+ * row. Every output element is one dot product summed in the level's one order whatever the
+ * batch holds, so a request gets bit-identical logits alone and in any batch (batch
+ * invariance). */
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
 
 #include <cpuid.h>
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define XP_TILE_FLOATS (32 * 1024) /* 128 KB of decoded weights per tile */
-#define XP_XBLOCK 16               /* input rows kept hot while a tile is applied */
+#define XP_TILE_MIN_ROWS 12        /* whole tiles of every level's kernel (3 or 4 rows) */
 
 static int xp_simd_level = -1; /* -1 unknown, 0 scalar, 1 AVX2, 2 AVX-512 */
 static int xp_forced_scalar;
 
 static const xp_simd xp_simd_avx2 = {.dot = xp_dot_avx2,
-                                     .dot4 = xp_dot4_avx2,
+                                     .tile_rows = xp_tile_rows_avx2,
                                      .fused_rows = xp_fused_rows_avx2,
                                      .decode_row = xp_decode_row_avx2,
                                      .axpy = xp_axpy_avx2,
+                                     .lora_expand = xp_lora_expand_avx2,
+                                     .exp_sum = xp_exp_sum_avx2,
                                      .dot_bf16 = xp_dot_bf16_avx2,
                                      .axpy_bf16 = xp_axpy_bf16_avx2,
-                                     .fp8_chunk = 16};
+                                     .fp8_chunk = 8};
 static const xp_simd xp_simd_avx512 = {.dot = xp_dot_avx512,
-                                       .dot4 = xp_dot4_avx512,
-                                       .dot2x4 = xp_dot2x4_avx512,
+                                       .tile_rows = xp_tile_rows_avx512,
                                        .fused_rows = xp_fused_rows_avx512,
                                        .decode_row = xp_decode_row_avx512,
                                        .axpy = xp_axpy_avx512,
+                                       .lora_expand = xp_lora_expand_avx512,
+                                       .exp_sum = xp_exp_sum_avx512,
                                        .dot_bf16 = xp_dot_bf16_avx512,
                                        .axpy_bf16 = xp_axpy_bf16_avx512,
-                                       .fp8_chunk = 32};
+                                       .fp8_chunk = 16};
 
 /* The widest kernels this processor runs; XPREC_SIMD=avx2|scalar caps them (tests, A/B). */
 static int xp_cpu_level(void)
@@ -153,57 +159,30 @@ float xp_dot(const float *a, const float *b, int64_t n)
 
 size_t xp_linear_scratch_floats(int64_t max_cols)
 {
-    return (size_t)max_cols > XP_TILE_FLOATS ? (size_t)max_cols : XP_TILE_FLOATS;
+    size_t rows = (size_t)XP_TILE_MIN_ROWS * (size_t)max_cols;
+    return rows > XP_TILE_FLOATS ? rows : XP_TILE_FLOATS;
+}
+
+/* The scalar level's tiles: each element the reference dot product. */
+static void xp_tile_rows_ref(const float *w, int64_t nw, const float *x, int n, int64_t k,
+                             float *y, int64_t ldy, int64_t r0)
+{
+    for (int i = 0; i < n; i++)
+        for (int64_t a = 0; a < nw; a++)
+            y[(size_t)i * (size_t)ldy + (size_t)(r0 + a)] =
+                xp_dot_ref(x + (size_t)i * (size_t)k, w + a * k, k);
 }
 
 typedef struct {
-    const xp_linear *l;
+    const xp_product *p;
+    int np;
     const float *x;
-    float *y;
     float **scratch;
     int n;
-    int64_t tile; /* weight rows per task */
+    int first[XP_MAX_PRODUCTS + 1]; /* product k's tasks are [first[k], first[k + 1]) */
+    int64_t tile[XP_MAX_PRODUCTS];  /* weight rows per task */
+    const xp_pool_extra *also;
 } xp_linear_job;
-
-/* y[i, r] for rows i of x and weight rows r in [r0, r1), w the decoded rows. */
-static void xp_apply_tile(const xp_linear_job *j, const float *w, int64_t r0, int64_t r1)
-{
-    int64_t cols = j->l->cols, ld = j->l->rows;
-    const xp_simd *k = xp_simd_get();
-    for (int i0 = 0; i0 < j->n; i0 += XP_XBLOCK) {
-        int i1 = i0 + XP_XBLOCK < j->n ? i0 + XP_XBLOCK : j->n;
-        int64_t r = r0;
-        /* two weight rows at a time where the kernel set has the registers for it */
-        for (; k && k->dot2x4 && r + 2 <= r1; r += 2) {
-            const float *wr = w + (r - r0) * cols;
-            int i = i0;
-            float o[8];
-            for (; i + 4 <= i1; i += 4) {
-                k->dot2x4(j->x + (size_t)i * cols, cols, wr, cols, cols, o);
-                for (int q = 0; q < 4; q++) {
-                    j->y[(size_t)(i + q) * ld + r] = o[q];
-                    j->y[(size_t)(i + q) * ld + r + 1] = o[4 + q];
-                }
-            }
-            for (; i < i1; i++) {
-                j->y[(size_t)i * ld + r] = xp_dot(j->x + (size_t)i * cols, wr, cols);
-                j->y[(size_t)i * ld + r + 1] = xp_dot(j->x + (size_t)i * cols, wr + cols, cols);
-            }
-        }
-        for (; r < r1; r++) {
-            const float *wr = w + (r - r0) * cols;
-            int i = i0;
-            float o[4];
-            for (; k && i + 4 <= i1; i += 4) {
-                k->dot4(j->x + (size_t)i * cols, cols, wr, cols, o);
-                for (int q = 0; q < 4; q++)
-                    j->y[(size_t)(i + q) * ld + r] = o[q];
-            }
-            for (; i < i1; i++)
-                j->y[(size_t)i * ld + r] = xp_dot(j->x + (size_t)i * cols, wr, cols);
-        }
-    }
-}
 
 /* The register-decoding kernel, when it applies: FP8 blocks must hold whole SIMD chunks and
  * have scales the fast decode can take. */
@@ -216,45 +195,117 @@ static const xp_simd *xp_fused_kernel(const xp_linear *l)
     return k;
 }
 
+void xp_linear_rows(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y,
+                    int64_t ldy, float *scratch)
+{
+    const xp_simd *k = n <= 4 ? xp_fused_kernel(l) : NULL;
+    if (k) {
+        k->fused_rows(l, r0, r1, x, n, y, ldy);
+        return;
+    }
+    k = xp_simd_get();
+    void (*tiles)(const float *, int64_t, const float *, int, int64_t, float *, int64_t, int64_t) =
+        k ? k->tile_rows : xp_tile_rows_ref;
+    if (l->dtype == XP_F32) {
+        tiles((const float *)l->w + r0 * l->cols, r1 - r0, x, n, l->cols, y, ldy, r0);
+        return;
+    }
+    /* decoded a scratch-full at a time: each element's sum is the same however the rows split */
+    int64_t per = (int64_t)xp_linear_scratch_floats(l->cols) / (l->cols > 0 ? l->cols : 1);
+    for (int64_t a = r0; a < r1; a += per) {
+        int64_t b = a + per < r1 ? a + per : r1;
+        for (int64_t r = a; r < b; r++)
+            xp_decode_row(l, r, scratch + (r - a) * l->cols);
+        tiles(scratch, b - a, x, n, l->cols, y, ldy, a);
+    }
+}
+
 static void xp_linear_task(void *ctx, int task, int thread)
 {
     const xp_linear_job *j = ctx;
-    const xp_linear *l = j->l;
-    int64_t r0 = (int64_t)task * j->tile, r1 = r0 + j->tile < l->rows ? r0 + j->tile : l->rows;
-    const xp_simd *k = j->n <= 4 ? xp_fused_kernel(l) : NULL;
-    if (k) {
-        k->fused_rows(l, r0, r1, j->x, j->n, j->y);
+    if (task >= j->first[j->np]) {
+        j->also->fn(j->also->ctx, task - j->first[j->np], thread);
         return;
     }
-    if (l->dtype == XP_F32) {
-        xp_apply_tile(j, (const float *)l->w + r0 * l->cols, r0, r1);
-        return;
-    }
-    float *buf = j->scratch[thread];
-    for (int64_t r = r0; r < r1; r++)
-        xp_decode_row(l, r, buf + (r - r0) * l->cols);
-    xp_apply_tile(j, buf, r0, r1);
+    int k = 0;
+    while (task >= j->first[k + 1])
+        k++;
+    const xp_linear *l = j->p[k].l;
+    int64_t r0 = (int64_t)(task - j->first[k]) * j->tile[k];
+    int64_t r1 = r0 + j->tile[k] < l->rows ? r0 + j->tile[k] : l->rows;
+    xp_linear_rows(l, r0, r1, j->x, j->n, j->p[k].y, l->rows, j->scratch[thread]);
 }
 
-void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const float *x, int n,
-                       float *y)
+float xp_exp_sum_ref(float *s, int n, float m)
 {
-    int threads = xp_pool_threads(pool);
-    int64_t tile;
-    if (n <= 4 && xp_fused_kernel(l)) {
+    float sum = 0;
+    for (int p = 0; p < n; p++)
+        sum += s[p] = expf(s[p] - m);
+    return sum;
+}
+
+float xp_exp_sum(float *s, int n, float m)
+{
+    const xp_simd *k = xp_simd_get();
+    return k ? k->exp_sum(s, n, m) : xp_exp_sum_ref(s, n, m);
+}
+
+void xp_lora_expand_ref(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
+                        int64_t ldt, int n, float *out, int64_t ldo, int64_t o0, int64_t len)
+{
+    for (int i = 0; i < n; i++)
+        for (int64_t o = o0; o < o0 + len; o++) {
+            float acc = 0;
+            for (int k = 0; k < rank; k++)
+                acc += t[i * ldt + k] * xp_load1(bt, k * ldb + o, bf16);
+            out[i * ldo + o] += acc;
+        }
+}
+
+void xp_lora_expand(const void *bt, int bf16, int64_t ldb, int rank, const float *t, int64_t ldt,
+                    int n, float *out, int64_t ldo, int64_t o0, int64_t len)
+{
+    const xp_simd *k = xp_simd_get();
+    (k ? k->lora_expand : xp_lora_expand_ref)(bt, bf16, ldb, rank, t, ldt, n, out, ldo, o0, len);
+}
+
+/* Weight rows per task of l for n input rows on `threads` threads. */
+static int64_t xp_linear_tile(const xp_linear *l, int n, int threads)
+{
+    if (n <= 4 && xp_fused_kernel(l))
         /* no scratch to fit: two long runs of rows per thread. Small tasks (tens of KB) halved
          * decode's bandwidth: each restart costs the prefetchers their run-up and the threads
          * share cache lines of y at every boundary. */
-        tile = (l->rows + 2 * threads - 1) / (2 * threads);
-    } else {
-        tile = XP_TILE_FLOATS / l->cols;
-        if (tile < 1) tile = 1;
-        /* at least a few tasks per thread so the threads finish together */
-        int64_t per = (l->rows + 4 * threads - 1) / (4 * threads);
-        if (tile > per) tile = per < 1 ? 1 : per;
+        return (l->rows + 2 * threads - 1) / (2 * threads);
+    int64_t tile = XP_TILE_FLOATS / l->cols;
+    /* at least a few tasks per thread so the threads finish together */
+    int64_t per = (l->rows + 4 * threads - 1) / (4 * threads);
+    if (tile > per) tile = per;
+    tile = tile / XP_TILE_MIN_ROWS * XP_TILE_MIN_ROWS;
+    return tile < XP_TILE_MIN_ROWS ? XP_TILE_MIN_ROWS : tile;
+}
+
+void xp_linear_forward_many(xp_pool *pool, float **scratch, const xp_product *p, int np,
+                            const float *x, int n, const xp_pool_extra *also)
+{
+    int extra = also ? also->n : 0;
+    if (n < 1) { /* a step may want no logits */
+        if (extra) xp_pool_run(pool, extra, also->fn, also->ctx);
+        return;
     }
-    xp_linear_job j = {l, x, y, scratch, n, tile};
-    xp_pool_run(pool, (int)((l->rows + tile - 1) / tile), xp_linear_task, &j);
+    xp_linear_job j = {.p = p, .np = np, .x = x, .scratch = scratch, .n = n, .also = also};
+    for (int k = 0; k < np; k++) {
+        j.tile[k] = xp_linear_tile(p[k].l, n, xp_pool_threads(pool));
+        j.first[k + 1] = j.first[k] + (int)((p[k].l->rows + j.tile[k] - 1) / j.tile[k]);
+    }
+    xp_pool_run(pool, j.first[np] + extra, xp_linear_task, &j);
+}
+
+void xp_linear_forward(xp_pool *pool, float **scratch, const xp_linear *l, const float *x, int n,
+                       float *y, const xp_pool_extra *also)
+{
+    xp_product p = {l, y};
+    xp_linear_forward_many(pool, scratch, &p, 1, x, n, also);
 }
 
 void xp_linear_forward_ref(const xp_linear *l, const float *x, int n, float *y)

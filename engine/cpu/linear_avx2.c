@@ -1,5 +1,5 @@
-/* AVX2/FMA/F16C kernels (see simd.h). Every dot product sums in one fixed order: two 8-wide
- * accumulators over 16-element chunks, one 8-element chunk, a horizontal sum, the scalar tail. */
+/* AVX2/FMA/F16C kernels (see simd.h): the matrix kernels of linear_body.h at 8 lanes, and the
+ * vector dot and axpy of attention and LoRA. */
 #include "format/fp8.h"
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
@@ -126,129 +126,48 @@ XP_AVX2 float xp_dot_bf16_avx2(const uint16_t *a, const float *b, int64_t n)
     return xp_dot256(a, b, n, 1);
 }
 
-/* Four dot products against one weight row, each in exactly xp_dot_avx2's order. */
-__attribute__((target("avx2,fma,f16c"))) void xp_dot4_avx2(const float *x, int64_t ldx,
-                                                           const float *w, int64_t n, float *out)
+XP_AVX2 static inline float xp_hsum256(__m256 v)
 {
-    __m256 a0[4], a1[4];
-    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) a0[k] = a1[k] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
-        {
-            a0[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
-            a1[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i + 8), w1, a1[k]);
-        }
-    }
-    for (; i + 8 <= n; i += 8) {
-        __m256 w0 = _mm256_loadu_ps(w + i);
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) a0[k] =
-            _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
-    }
-    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
-    {
-        __m256 s0 = _mm256_add_ps(a0[k], a1[k]);
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
-        h = _mm_hadd_ps(h, h);
-        h = _mm_hadd_ps(h, h);
-        float s = _mm_cvtss_f32(h);
-        for (int64_t j = i; j < n; j++)
-            s += x[k * ldx + j] * w[j];
-        out[k] = s;
-    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-/* Up to four dot products of x rows with weight row r, decoding the weights in registers (no
- * buffer): the decode path of few-row steps, where the weights stream from memory once. The
- * arithmetic is xp_dot_avx2's, element for element, so the results are the same bits as the
- * tiled path's. n is a constant in each expansion so the accumulators stay in registers. FP8
- * blocks must be a multiple of 16 columns wide, so no 16-wide chunk straddles two scales. */
-__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
-xp_fused_n(const xp_linear *l, int64_t r, const float *x, int64_t ldx, float *out, const int n)
+/* e^x for x <= 0 (softmax terms), Cephes' single-precision range reduction and polynomial:
+ * within 2 ulp; below -87 the result is 0 or tiny. */
+XP_AVX2 static inline __m256 xp_exp256(__m256 x)
 {
-    int64_t cols = l->cols, i = 0;
-    __m256 a0[4], a1[4];
-    _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) a0[k] = a1[k] = _mm256_setzero_ps();
-    float tail_w[8];
-    if (l->dtype == XP_F8_E4M3) {
-        const uint8_t *q = (const uint8_t *)l->w + r * cols;
-        const float *s = l->scale + (r / l->br) * l->nbc;
-        __m256 S = _mm256_setzero_ps();
-        for (int64_t b = 0; b < l->nbc; b++) {
-            int64_t end = (b + 1) * l->bc < cols ? (b + 1) * l->bc : cols;
-            S = _mm256_set1_ps(s[b] * 0x1p120f);
-            for (; i + 16 <= end; i += 16) {
-                __m256 w0, w1;
-                xp_fp8x16(q + i, S, &w0, &w1);
-                _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
-                {
-                    a0[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
-                    a1[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i + 8), w1, a1[k]);
-                }
-            }
-        }
-        if (i + 8 <= cols) {
-            __m256 w0 = xp_fp8x8(q + i, S);
-            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) a0[k] =
-                _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
-            i += 8;
-        }
-        for (int64_t j = i; j < cols; j++)
-            tail_w[j - i] = xp_fp8_e4m3_to_f32(q[j]) * s[j / l->bc];
-    } else {
-        const uint16_t *h = (const uint16_t *)l->w + r * cols;
-        for (; i + 16 <= cols; i += 16) {
-            __m256 w0 = xp_bf16x8(h + i), w1 = xp_bf16x8(h + i + 8);
-            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
-            {
-                a0[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
-                a1[k] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i + 8), w1, a1[k]);
-            }
-        }
-        if (i + 8 <= cols) {
-            __m256 w0 = xp_bf16x8(h + i);
-            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) a0[k] =
-                _mm256_fmadd_ps(_mm256_loadu_ps(x + k * ldx + i), w0, a0[k]);
-            i += 8;
-        }
-        for (int64_t j = i; j < cols; j++)
-            tail_w[j - i] = xp_bf16_to_f32(h[j]);
-    }
-    _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
-    {
-        __m256 s0 = _mm256_add_ps(a0[k], a1[k]);
-        __m128 hs = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
-        hs = _mm_hadd_ps(hs, hs);
-        hs = _mm_hadd_ps(hs, hs);
-        float acc = _mm_cvtss_f32(hs);
-        for (int64_t j = i; j < cols; j++)
-            acc += x[k * ldx + j] * tail_w[j - i];
-        out[k] = acc;
-    }
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-__attribute__((target("avx2,fma,f16c"))) void
-xp_fused_rows_avx2(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y)
-{
-    float o[4];
-    int64_t ld = l->cols;
-    for (int64_t r = r0; r < r1; r++) {
-        switch (n) {
-        case 1:
-            xp_fused_n(l, r, x, ld, o, 1);
-            break;
-        case 2:
-            xp_fused_n(l, r, x, ld, o, 2);
-            break;
-        case 3:
-            xp_fused_n(l, r, x, ld, o, 3);
-            break;
-        default:
-            xp_fused_n(l, r, x, ld, o, 4);
-            break;
-        }
-        for (int i = 0; i < n; i++)
-            y[(size_t)i * l->rows + r] = o[i];
-    }
-}
+#define XV __m256
+#define XW 8
+#define XT XP_AVX2
+#define XN(name) xp_##name##_avx2
+#define XZERO() _mm256_setzero_ps()
+#define XLOAD(p) _mm256_loadu_ps(p)
+#define XSTORE(p, v) _mm256_storeu_ps(p, v)
+#define XSET1(f) _mm256_set1_ps(f)
+#define XFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define XHSUM(v) xp_hsum256(v)
+#define XEXP(v) xp_exp256(v)
+#define XFP8(q, S) xp_fp8x8(q, S)
+#define XBF16(h) xp_bf16x8(h)
+/* 12 accumulators, 3 weight vectors and one input vector: the 16 registers */
+#define XMR 3
+#define XNR 4
+#include "cpu/linear_body.h"

@@ -1,6 +1,6 @@
-/* AVX-512 (F, BW, VL) + F16C kernels (see simd.h): the AVX2 kernels twice as wide. Every dot
- * product sums in one fixed order: two 16-wide accumulators over 32-element chunks, one
- * 16-element chunk, a reduction, the scalar tail. */
+/* AVX-512 (F, BW, VL) + F16C kernels (see simd.h): the matrix kernels of linear_body.h at 16
+ * lanes, and the vector dot and axpy of attention and LoRA (two 16-wide accumulators over
+ * 32-element chunks, one 16-element chunk, a reduction, the scalar tail). */
 #include "format/fp8.h"
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
@@ -125,156 +125,50 @@ XP_AVX512 float xp_dot_bf16_avx512(const uint16_t *a, const float *b, int64_t n)
     return xp_dot512(a, b, n, 1);
 }
 
-XP_AVX512 void xp_dot4_avx512(const float *x, int64_t ldx, const float *w, int64_t n, float *out)
+/* The matrix kernels' reduction: the two halves added, then the AVX2 tree. */
+XP_AVX512 static inline float xp_hsum512(__m512 v)
 {
-    __m512 a0[4], a1[4];
-    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) a0[k] = a1[k] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        __m512 w0 = _mm512_loadu_ps(w + i), w1 = _mm512_loadu_ps(w + i + 16);
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
-        {
-            a0[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
-            a1[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i + 16), w1, a1[k]);
-        }
-    }
-    if (i + 16 <= n) {
-        __m512 w0 = _mm512_loadu_ps(w + i);
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) a0[k] =
-            _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
-        i += 16;
-    }
-    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
-    {
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[k], a1[k]));
-        for (int64_t j = i; j < n; j++)
-            s += x[k * ldx + j] * w[j];
-        out[k] = s;
-    }
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    __m256 u = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-/* Eight dots: x rows 0..3 against weight rows w0 and w1 (w1 = w0 + ldw), each in
- * xp_dot_avx512's order. Two weight rows per pass halve the x loads per FMA. */
-XP_AVX512 void xp_dot2x4_avx512(const float *x, int64_t ldx, const float *w, int64_t ldw, int64_t n,
-                                float *out)
+/* e^x for x <= 0, as xp_exp256 (linear_avx2.c) computes it. */
+XP_AVX512 static inline __m512 xp_exp512(__m512 x)
 {
-    __m512 a0[8], a1[8];
-    _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) a0[k] = a1[k] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        __m512 u0 = _mm512_loadu_ps(w + i), u1 = _mm512_loadu_ps(w + i + 16);
-        __m512 v0 = _mm512_loadu_ps(w + ldw + i), v1 = _mm512_loadu_ps(w + ldw + i + 16);
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
-        {
-            __m512 x0 = _mm512_loadu_ps(x + k * ldx + i),
-                   x1 = _mm512_loadu_ps(x + k * ldx + i + 16);
-            a0[k] = _mm512_fmadd_ps(x0, u0, a0[k]);
-            a1[k] = _mm512_fmadd_ps(x1, u1, a1[k]);
-            a0[4 + k] = _mm512_fmadd_ps(x0, v0, a0[4 + k]);
-            a1[4 + k] = _mm512_fmadd_ps(x1, v1, a1[4 + k]);
-        }
-    }
-    if (i + 16 <= n) {
-        __m512 u0 = _mm512_loadu_ps(w + i), v0 = _mm512_loadu_ps(w + ldw + i);
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
-        {
-            __m512 x0 = _mm512_loadu_ps(x + k * ldx + i);
-            a0[k] = _mm512_fmadd_ps(x0, u0, a0[k]);
-            a0[4 + k] = _mm512_fmadd_ps(x0, v0, a0[4 + k]);
-        }
-        i += 16;
-    }
-    _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
-    {
-        const float *wr = w + (k >= 4 ? ldw : 0), *xr = x + (k % 4) * ldx;
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[k], a1[k]));
-        for (int64_t j = i; j < n; j++)
-            s += xr[j] * wr[j];
-        out[k] = s;
-    }
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    __m512i e =
+        _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
 }
 
-/* n constant per expansion, so the accumulators live in registers */
-XP_AVX512 __attribute__((always_inline)) static inline void
-xp_fused512_n(const xp_linear *l, int64_t r, const float *x, int64_t ldx, float *out, const int n)
-{
-    int64_t cols = l->cols, i = 0;
-    __m512 a0[4], a1[4];
-    _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) a0[k] = a1[k] = _mm512_setzero_ps();
-    float tail_w[16];
-    if (l->dtype == XP_F8_E4M3) {
-        const uint8_t *q = (const uint8_t *)l->w + r * cols;
-        const float *s = l->scale + (r / l->br) * l->nbc;
-        __m512 S = _mm512_setzero_ps();
-        for (int64_t b = 0; b < l->nbc; b++) {
-            int64_t end = (b + 1) * l->bc < cols ? (b + 1) * l->bc : cols;
-            S = _mm512_set1_ps(s[b] * 0x1p120f);
-            for (; i + 32 <= end; i += 32) {
-                __m512 w0, w1;
-                xp_fp8x32(q + i, S, &w0, &w1);
-                _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
-                {
-                    a0[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
-                    a1[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i + 16), w1, a1[k]);
-                }
-            }
-        }
-        if (i + 16 <= cols) {
-            __m512 w0 = xp_fp8x16_512(q + i, S);
-            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) a0[k] =
-                _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
-            i += 16;
-        }
-        for (int64_t j = i; j < cols; j++)
-            tail_w[j - i] = xp_fp8_e4m3_to_f32(q[j]) * s[j / l->bc];
-    } else {
-        const uint16_t *h = (const uint16_t *)l->w + r * cols;
-        for (; i + 32 <= cols; i += 32) {
-            __m512 w0 = xp_bf16x16(h + i), w1 = xp_bf16x16(h + i + 16);
-            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
-            {
-                a0[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
-                a1[k] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i + 16), w1, a1[k]);
-            }
-        }
-        if (i + 16 <= cols) {
-            __m512 w0 = xp_bf16x16(h + i);
-            _Pragma("GCC unroll 4") for (int k = 0; k < n; k++) a0[k] =
-                _mm512_fmadd_ps(_mm512_loadu_ps(x + k * ldx + i), w0, a0[k]);
-            i += 16;
-        }
-        for (int64_t j = i; j < cols; j++)
-            tail_w[j - i] = xp_bf16_to_f32(h[j]);
-    }
-    _Pragma("GCC unroll 4") for (int k = 0; k < n; k++)
-    {
-        float acc = _mm512_reduce_add_ps(_mm512_add_ps(a0[k], a1[k]));
-        for (int64_t j = i; j < cols; j++)
-            acc += x[k * ldx + j] * tail_w[j - i];
-        out[k] = acc;
-    }
-}
-
-XP_AVX512 void xp_fused_rows_avx512(const xp_linear *l, int64_t r0, int64_t r1, const float *x,
-                                    int n, float *y)
-{
-    float o[4];
-    for (int64_t r = r0; r < r1; r++) {
-        switch (n) {
-        case 1:
-            xp_fused512_n(l, r, x, l->cols, o, 1);
-            break;
-        case 2:
-            xp_fused512_n(l, r, x, l->cols, o, 2);
-            break;
-        case 3:
-            xp_fused512_n(l, r, x, l->cols, o, 3);
-            break;
-        default:
-            xp_fused512_n(l, r, x, l->cols, o, 4);
-            break;
-        }
-        for (int i = 0; i < n; i++)
-            y[(size_t)i * l->rows + r] = o[i];
-    }
-}
+#define XV __m512
+#define XW 16
+#define XT XP_AVX512
+#define XN(name) xp_##name##_avx512
+#define XZERO() _mm512_setzero_ps()
+#define XLOAD(p) _mm512_loadu_ps(p)
+#define XSTORE(p, v) _mm512_storeu_ps(p, v)
+#define XSET1(f) _mm512_set1_ps(f)
+#define XFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define XHSUM(v) xp_hsum512(v)
+#define XEXP(v) xp_exp512(v)
+#define XFP8(q, S) xp_fp8x16_512(q, S)
+#define XBF16(h) xp_bf16x16(h)
+/* 16 accumulators, 4 weight vectors and one input vector of the 32 registers */
+#define XMR 4
+#define XNR 4
+#include "cpu/linear_body.h"

@@ -201,8 +201,10 @@ static size_t xpc_align(size_t v)
     return (v + 255) & ~(size_t)255;
 }
 
-static size_t xpc_kv_block_bytes(const xp_model *m)
+/* K and V in F32 only: a KV dtype option asking for anything else is refused at create. */
+static size_t xpc_kv_block_bytes(const xp_model *m, const xp_backend_opts *o)
 {
+    if (o && o->kv_dtype && *o->kv_dtype && strcmp(o->kv_dtype, "f32") != 0) return 0;
     return 2 * (size_t)m->cfg.num_hidden_layers * XP_KV_BLOCK *
            (size_t)(m->cfg.num_key_value_heads * m->cfg.head_dim) * sizeof(float);
 }
@@ -210,7 +212,12 @@ static size_t xpc_kv_block_bytes(const xp_model *m)
 static void *xpc_create(const xp_model *m, const xp_backend_opts *o, int *kv_blocks)
 {
     int max_rows = o->max_rows, max_ctx = o->max_ctx;
-    size_t per = xpc_kv_block_bytes(m);
+    size_t per = xpc_kv_block_bytes(m, o);
+    if (!per) {
+        xp_fail("the CUDA backend keeps its KV cache in f32; KV dtype \"%s\" is not supported",
+                o->kv_dtype);
+        return NULL;
+    }
     int64_t n_blocks = o->kv_blocks > 0 ? o->kv_blocks : (int64_t)(o->kv_bytes / per);
     if (n_blocks > 1 << 24) n_blocks = 1 << 24;
     if (n_blocks < 1) {

@@ -122,6 +122,150 @@ static int xp_parse_quant(const cJSON *root, xp_quant_config *q)
                    m);
 }
 
+/* An optional number in a rope_scaling object: absent or null keeps *out. */
+static int xp_rope_num(const cJSON *rs, const char *key, double min, double *out)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(rs, key);
+    if (!v || cJSON_IsNull(v)) return 0;
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || !(v->valuedouble >= min))
+        return xp_fail("config.json: rope_scaling.%s must be a number >= %g", key, min);
+    *out = v->valuedouble;
+    return 0;
+}
+
+/* transformers' get_mscale: 0.1 mscale ln(scale) + 1 for scale > 1, else 1 */
+static double xp_yarn_mscale(double scale, double mscale)
+{
+    return scale <= 1 ? 1.0 : 0.1 * mscale * log(scale) + 1.0;
+}
+
+/* rope_scaling as transformers reads it: the type under "rope_type" (or the older "type");
+ * "default" is plain RoPE; "yarn" takes factor (required) and the optional fields below; any
+ * other type, or a key YaRN does not have, is refused rather than ignored. */
+static int xp_parse_rope(const cJSON *rs, xp_qwen3_config *c)
+{
+    memset(&c->rope, 0, sizeof c->rope);
+    if (!rs || cJSON_IsNull(rs)) return 0;
+    if (!cJSON_IsObject(rs)) return xp_fail("config.json: rope_scaling must be an object or null");
+    const char *type = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rs, "rope_type"));
+    const char *old = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rs, "type"));
+    if (!type) type = old;
+    if (!type) return xp_fail("config.json: rope_scaling has no rope_type");
+    if (old && strcmp(old, type) != 0)
+        return xp_fail("config.json: rope_scaling says rope_type \"%s\" and type \"%s\"", type,
+                       old);
+    if (strcmp(type, "default") == 0) return 0;
+    if (strcmp(type, "yarn") != 0)
+        return xp_fail("config.json: rope_scaling type \"%s\" is not supported (only yarn; "
+                       "serving it as plain RoPE would give wrong results)",
+                       type);
+    static const char *const known[] = {"rope_type", "type", "factor",
+                                        "original_max_position_embeddings", "attention_factor",
+                                        "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
+                                        "truncate"};
+    const cJSON *it;
+    cJSON_ArrayForEach(it, rs)
+    {
+        size_t k = 0;
+        while (k < sizeof known / sizeof *known && strcmp(it->string, known[k]) != 0)
+            k++;
+        if (k == sizeof known / sizeof *known)
+            return xp_fail("config.json: rope_scaling key \"%s\" is not a YaRN parameter",
+                           it->string);
+    }
+    xp_rope_scaling *r = &c->rope;
+    r->yarn = 1;
+    r->factor = 0;
+    r->original_max_position_embeddings = c->max_position_embeddings;
+    r->beta_fast = 32;
+    r->beta_slow = 1;
+    r->truncate = 1;
+    double orig = r->original_max_position_embeddings, mscale = 0, mscale_all = 0, af = 0;
+    if (!cJSON_GetObjectItemCaseSensitive(rs, "factor"))
+        return xp_fail("config.json: rope_scaling (yarn) has no factor");
+    if (xp_rope_num(rs, "factor", 1, &r->factor) < 0 ||
+        xp_rope_num(rs, "original_max_position_embeddings", 1, &orig) < 0 ||
+        xp_rope_num(rs, "attention_factor", 0, &af) < 0 ||
+        xp_rope_num(rs, "mscale", 0, &mscale) < 0 ||
+        xp_rope_num(rs, "mscale_all_dim", 0, &mscale_all) < 0 ||
+        xp_rope_num(rs, "beta_fast", 0, &r->beta_fast) < 0 ||
+        xp_rope_num(rs, "beta_slow", 0, &r->beta_slow) < 0)
+        return -1;
+    if (orig != floor(orig) || orig > 1e9)
+        return xp_fail("config.json: rope_scaling.original_max_position_embeddings must be an "
+                       "integer");
+    r->original_max_position_embeddings = (int)orig;
+    if (r->beta_fast < r->beta_slow)
+        return xp_fail("config.json: rope_scaling.beta_fast %g is below beta_slow %g",
+                       r->beta_fast, r->beta_slow);
+    const cJSON *tr = cJSON_GetObjectItemCaseSensitive(rs, "truncate");
+    if (tr && !cJSON_IsNull(tr)) {
+        if (!cJSON_IsBool(tr))
+            return xp_fail("config.json: rope_scaling.truncate must be true or false");
+        r->truncate = cJSON_IsTrue(tr);
+    }
+    if (af > 0)
+        r->attention_factor = af;
+    else if (mscale > 0 && mscale_all > 0)
+        r->attention_factor =
+            xp_yarn_mscale(r->factor, mscale) / xp_yarn_mscale(r->factor, mscale_all);
+    else
+        r->attention_factor = xp_yarn_mscale(r->factor, 1);
+    return 0;
+}
+
+int xp_rope_scaling_parse(const char *json, xp_qwen3_config *c)
+{
+    cJSON *rs = cJSON_Parse(json);
+    if (!rs) return xp_fail("rope scaling override: not JSON: %.80s", json);
+    int rc = xp_parse_rope(rs, c);
+    cJSON_Delete(rs);
+    if (rc < 0) xp_fail_ctx("rope scaling override");
+    return rc;
+}
+
+int xp_qwen3_positions(const xp_qwen3_config *c)
+{
+    double n = c->rope.yarn ? c->rope.factor * c->rope.original_max_position_embeddings : 0;
+    if (n > 1 << 30) n = 1 << 30;
+    return n > c->max_position_embeddings ? (int)n : c->max_position_embeddings;
+}
+
+/* The dimension whose frequency turns num_rotations times over max_pos positions. */
+static double xp_yarn_dim(double num_rotations, int dim, double base, double max_pos)
+{
+    return dim * log(max_pos / (num_rotations * 2 * M_PI)) / (2 * log(base));
+}
+
+void xp_qwen3_inv_freq(const xp_qwen3_config *c, float *inv_freq)
+{
+    int dim = c->head_dim, half = dim / 2;
+    const xp_rope_scaling *r = &c->rope;
+    double low = 0, high = 0;
+    if (r->yarn) {
+        low = xp_yarn_dim(r->beta_fast, dim, c->rope_theta, r->original_max_position_embeddings);
+        high = xp_yarn_dim(r->beta_slow, dim, c->rope_theta, r->original_max_position_embeddings);
+        if (r->truncate) {
+            low = floor(low);
+            high = ceil(high);
+        }
+        if (low < 0) low = 0;
+        if (high > dim - 1) high = dim - 1;
+        if (low == high) high += 0.001; /* transformers' guard against a zero-width ramp */
+    }
+    for (int i = 0; i < half; i++) {
+        double extrap = pow(c->rope_theta, -2.0 * i / dim);
+        if (!r->yarn) {
+            inv_freq[i] = (float)extrap;
+            continue;
+        }
+        /* 1 keeps the original frequency (fast dimensions), 0 takes the interpolated one */
+        double ramp = (i - low) / (high - low);
+        double keep = 1 - (ramp < 0 ? 0 : ramp > 1 ? 1 : ramp);
+        inv_freq[i] = (float)(extrap / r->factor * (1 - keep) + extrap * keep);
+    }
+}
+
 int xp_qwen3_config_parse(const char *json, xp_qwen3_config *c, xp_quant_config *q)
 {
     memset(c, 0, sizeof *c);
@@ -175,6 +319,7 @@ int xp_qwen3_config_parse(const char *json, xp_qwen3_config *c, xp_quant_config 
                 cJSON_GetArraySize(nl), c->num_hidden_layers);
         goto out;
     }
+    if (xp_parse_rope(cJSON_GetObjectItemCaseSensitive(root, "rope_scaling"), c) < 0) goto out;
     if (q) {
         rc = xp_parse_quant(root, q);
         if (rc < 0) xp_quant_config_free(q);

@@ -4,6 +4,19 @@
 
 #include <stddef.h>
 
+/* config.json's rope_scaling: none, or YaRN with transformers' parameters (defaults filled in:
+ * original_max_position_embeddings = max_position_embeddings, beta_fast 32, beta_slow 1,
+ * truncate true, attention_factor from factor and mscale / mscale_all_dim as transformers
+ * derives it). */
+typedef struct {
+    int yarn; /* 0: plain RoPE */
+    double factor;
+    int original_max_position_embeddings;
+    double attention_factor;
+    double beta_fast, beta_slow;
+    int truncate;
+} xp_rope_scaling;
+
 typedef struct {
     int hidden_size;
     int intermediate_size;
@@ -16,6 +29,7 @@ typedef struct {
     double rms_norm_eps;
     double rope_theta;
     int tie_word_embeddings;
+    xp_rope_scaling rope;
 } xp_qwen3_config;
 
 typedef enum {
@@ -37,6 +51,16 @@ typedef struct {
 
 /* Parses and checks config.json text: every field above present and consistent. */
 int xp_qwen3_config_parse(const char *json, xp_qwen3_config *cfg, xp_quant_config *quant);
+/* Replaces c->rope with the rope_scaling object in json ("null" for none), checked as the one
+ * in config.json is: the engine's override. */
+int xp_rope_scaling_parse(const char *json, xp_qwen3_config *c);
+/* Positions the model serves: max_position_embeddings, or under YaRN at least factor times the
+ * original context. */
+int xp_qwen3_positions(const xp_qwen3_config *c);
+/* RoPE's inverse frequencies, head_dim / 2 of them: theta^(-2i/d), blended with their YaRN
+ * interpolation over transformers' correction range when c->rope.yarn. */
+void xp_qwen3_inv_freq(const xp_qwen3_config *c, float *inv_freq);
+
 /* Reads DIR/config.json. */
 int xp_qwen3_config_load(const char *dir, xp_qwen3_config *cfg, xp_quant_config *quant);
 void xp_quant_config_free(xp_quant_config *q);

@@ -1,4 +1,5 @@
 #include "model/model.h"
+#include "format/blockquant.h"
 #include "util/xp_error.h"
 
 #include <math.h>
@@ -54,6 +55,47 @@ static int xp_linear_init(xp_linear *l, const xp_tensor *w, const xp_tensor *sca
     return 0;
 }
 
+#define XP_LM_HEAD_BLOCK 128
+
+/* l (BF16, F16 or F32) as FP8 blocks of XP_LM_HEAD_BLOCK, in memory of its own: the engine's
+ * own quantization (xp_block_quantize, F32 scales), a band of block rows at a time. */
+static int xp_linear_to_fp8(xp_linear *l)
+{
+    if (l->dtype == XP_F8_E4M3) return 0;
+    int64_t rows = l->rows, cols = l->cols, bands = xp_ceil_div(rows, XP_LM_HEAD_BLOCK);
+    int64_t nbc = xp_ceil_div(cols, XP_LM_HEAD_BLOCK);
+    size_t n = (size_t)rows * (size_t)cols;
+    uint8_t *codes = malloc(n ? n : 1);
+    float *scale = malloc((size_t)(bands * nbc) * sizeof *scale);
+    float *band = malloc((size_t)(XP_LM_HEAD_BLOCK * cols) * sizeof *band);
+    if (!codes || !scale || !band) {
+        free(codes);
+        free(scale);
+        free(band);
+        return xp_fail("out of memory for an FP8 lm_head");
+    }
+    int rc = 0;
+    for (int64_t b = 0; b < bands && rc == 0; b++) {
+        int64_t r0 = b * XP_LM_HEAD_BLOCK;
+        int64_t nr = rows - r0 < XP_LM_HEAD_BLOCK ? rows - r0 : XP_LM_HEAD_BLOCK;
+        for (int64_t r = 0; r < nr; r++)
+            xp_linear_row(l, r0 + r, band + r * cols);
+        rc = xp_block_quantize(band, nr, cols, XP_LM_HEAD_BLOCK, XP_LM_HEAD_BLOCK, XP_F32,
+                               codes + r0 * cols, scale + b * nbc);
+    }
+    free(band);
+    if (rc < 0) {
+        free(codes);
+        free(scale);
+        return xp_fail_ctx("lm_head to FP8");
+    }
+    free(l->owned);
+    *l = (xp_linear){.dtype = XP_F8_E4M3, .w = codes, .scale = scale, .rows = rows, .cols = cols,
+                     .br = XP_LM_HEAD_BLOCK, .bc = XP_LM_HEAD_BLOCK, .nbc = nbc, .owned = codes};
+    xp_linear_check_scales(l);
+    return 0;
+}
+
 static void xp_linear_free(xp_linear *l)
 {
     free(l->scale);
@@ -68,7 +110,7 @@ static float *xp_load_norm(const xp_ckpt *c, const char *name)
     return f;
 }
 
-int xp_model_load(const char *dir, xp_model **out)
+int xp_model_load(const char *dir, const xp_model_opts *o, xp_model **out)
 {
     *out = NULL;
     xp_model *m = calloc(1, sizeof *m);
@@ -79,11 +121,12 @@ int xp_model_load(const char *dir, xp_model **out)
     }
     const xp_qwen3_config *g = &m->cfg;
     m->cfg = m->ckpt->cfg;
+    if (o && o->rope_scaling && xp_rope_scaling_parse(o->rope_scaling, &m->cfg) < 0) goto fail;
     m->layers = calloc((size_t)g->num_hidden_layers, sizeof *m->layers);
     m->inv_freq = malloc((size_t)(g->head_dim / 2) * sizeof *m->inv_freq);
     if (!m->layers || !m->inv_freq) goto oom;
-    for (int i = 0; i < g->head_dim / 2; i++)
-        m->inv_freq[i] = (float)pow(g->rope_theta, -2.0 * i / g->head_dim);
+    xp_qwen3_inv_freq(g, m->inv_freq);
+    float af = g->rope.yarn ? (float)g->rope.attention_factor : 1.0f;
     char name[160];
     for (int l = 0; l < g->num_hidden_layers; l++) {
         xp_layer *L = &m->layers[l];
@@ -93,6 +136,10 @@ int xp_model_load(const char *dir, xp_model **out)
         for (int k = 0; k < 4; k++) {
             snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, norms[k]);
             if (!(*dst[k] = xp_load_norm(m->ckpt, name))) goto fail;
+        }
+        for (int i = 0; af != 1.0f && i < g->head_dim; i++) {
+            L->q_norm[i] *= af;
+            L->k_norm[i] *= af;
         }
         for (int k = 0; k < XP_MOD_COUNT; k++) {
             xp_weight w;
@@ -111,6 +158,7 @@ int xp_model_load(const char *dir, xp_model **out)
         const xp_tensor *h = xp_st_set_find(m->ckpt->st, "lm_head.weight");
         if (xp_linear_init(&m->lm_head, h, NULL, 0, 0) < 0) goto fail;
     }
+    if (o && o->lm_head_fp8 && xp_linear_to_fp8(&m->lm_head) < 0) goto fail;
     *out = m;
     return 0;
 oom:
@@ -137,7 +185,7 @@ void xp_model_free(xp_model *m)
     free(m->final_norm);
     free(m->inv_freq);
     xp_linear_free(&m->embed);
-    if (!m->cfg.tie_word_embeddings) xp_linear_free(&m->lm_head);
+    xp_linear_free(&m->lm_head); /* tied and as stored: nothing of its own (NULL) */
     xp_ckpt_close(m->ckpt);
     free(m);
 }

@@ -30,13 +30,27 @@ typedef struct {
     float *final_norm;
     xp_linear embed;   /* [vocab, hidden] */
     xp_linear lm_head; /* the embeddings again when tied */
-    float *inv_freq;   /* RoPE: theta^(-2i/head_dim), head_dim/2 entries */
+    float *inv_freq;   /* RoPE: theta^(-2i/head_dim), or its YaRN blend; head_dim/2 entries */
 } xp_model;
+
+/* How to load: what may differ from the checkpoint's own description. */
+typedef struct {
+    /* a rope_scaling object (JSON) to use instead of config.json's; "null" for plain RoPE;
+     * NULL keeps the file's */
+    const char *rope_scaling;
+    /* hold lm_head as FP8 E4M3 in 128x128 blocks, quantized at load (a tied embedding stays as
+     * stored for the lookup): a smaller step for a little fidelity */
+    int lm_head_fp8;
+} xp_model_opts;
 
 /* Sets l->fp8_fast from the block scales. */
 void xp_linear_check_scales(xp_linear *l);
 
-int xp_model_load(const char *dir, xp_model **out);
+/* Loads the checkpoint in dir as its files describe it, or with o's changes (o may be NULL).
+ * Under YaRN the attention factor is folded into the q and k norm weights: RoPE is linear, so
+ * scaling the normed q and k is transformers' scaling of cos and sin, and every backend gets it
+ * with the weights. */
+int xp_model_load(const char *dir, const xp_model_opts *o, xp_model **out);
 void xp_model_free(xp_model *m);
 
 /* Bytes of weights one decode step streams (every linear weight and its scales, plus lm_head). */

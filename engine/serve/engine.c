@@ -58,20 +58,22 @@ xp_engine *xp_engine_create(const char *model_dir, const xp_engine_opts *opts)
     pthread_cond_init(&e->cv, NULL);
     pthread_cond_init(&e->intake_cv, NULL);
     e->intake_tail = &e->intake;
-    if (xp_model_load(model_dir, &e->model) < 0) goto fail;
+    xp_model_opts mo = {.rope_scaling = e->o.rope_scaling, .lm_head_fp8 = e->o.lm_head_fp8};
+    if (xp_model_load(model_dir, &mo, &e->model) < 0) goto fail;
     if (!(e->tok = xp_tokenizer_load(model_dir))) goto fail;
     const xp_qwen3_config *g = &e->model->cfg;
     xp_backend_opts bo = {.threads = e->o.threads,
                           .max_rows = e->o.prefill_chunk,
-                          .max_ctx = g->max_position_embeddings,
+                          .max_ctx = xp_qwen3_positions(g),
                           .adapter_slots = e->o.max_adapters,
                           .kv_bytes = e->o.kv_bytes,
+                          .kv_dtype = e->o.kv_dtype,
                           .device = e->o.device};
     int blocks = 0;
     if (xp_backend_open(e->o.backend, e->model, &bo, &e->be, &e->rt, &blocks) < 0) goto fail;
     if (xp_kv_blocks_init(&e->kv, blocks) < 0) goto fail;
     /* the context is what the cache holds, so a sequence alone always fits */
-    e->context = g->max_position_embeddings;
+    e->context = xp_qwen3_positions(g);
     if (e->context > blocks * XP_KV_BLOCK) e->context = blocks * XP_KV_BLOCK;
     if (xp_engine_alloc_batch(e) < 0) goto fail;
     e->st.kv_blocks_total = e->st.kv_blocks_free = blocks;
@@ -216,7 +218,8 @@ int xp_engine_context(const xp_engine *e)
 
 size_t xp_engine_kv_block_bytes(const xp_engine *e)
 {
-    return e->be->kv_block_bytes(e->model);
+    xp_backend_opts bo = {.kv_dtype = e->o.kv_dtype};
+    return e->be->kv_block_bytes(e->model, &bo);
 }
 
 uint64_t xp_engine_step_bytes(const xp_engine *e)

@@ -121,7 +121,7 @@ int main(int argc, char **argv)
         return 2;
     }
     xp_model *m = NULL;
-    if (xp_model_load(argv[1], &m) < 0) {
+    if (xp_model_load(argv[1], NULL, &m) < 0) {
         fprintf(stderr, "test_forward: %s\n", xp_last_error());
         return 2;
     }

@@ -6,12 +6,12 @@
  * The CPU twins are engine/cpu/linear.c's scalar references and cpu/ops.c's rmsnorm and RoPE;
  * attention over the paged cache and the grouped LoRA shrink/expand, which cpu/forward.c runs
  * as pool tasks, are written out below as plain loops of the same math. */
+#include "backend.h"
 #include "cpu/ops.h"
 #include "cpu/kernels.h"
 #include "format/dtype.h"
 #include "format/fp8.h"
 #include "cuda/gemm_lt.h"
-#include "cpu/kv_store.h"
 #include "util/rng.h"
 #include "util/xp_error.h"
 #include "cuda/xpc_kernels.h"
@@ -252,17 +252,24 @@ static void test_rmsnorm(int n, int dim)
     cudaFree(dr);
 }
 
+/* The CUDA backend's F32 cache layout, [block][layer][position in block][kv_dim]: the row of
+ * one position. */
+static float *gpu_kv_row(float *cache, const int32_t *table, int n_layers, int layer, int pos,
+                         int kvd)
+{
+    return cache + (((size_t)table[pos / XP_KV_BLOCK] * (size_t)n_layers + (size_t)layer) *
+                        XP_KV_BLOCK + (size_t)(pos % XP_KV_BLOCK)) * (size_t)kvd;
+}
+
 /* One sequence of `len` positions (block ids shuffled) plus a second one of len2, filled by the
- * kernels as a prefill would, then attention for every row; all against forward.c's math. */
+ * kernels as a prefill would, then attention for every row; all against a plain CPU version of
+ * the same math (norm, RoPE, exact softmax). */
 static void test_attention(int H, int KV, int d, int len, int len2, int nsplit)
 {
     int L = 2, layer = 1, n = len + len2, kvd = KV * d;
-    xp_kv_store kv;
     int nb1 = xp_kv_blocks_for(len), nb2 = xp_kv_blocks_for(len2), nall = nb1 + nb2 + 3;
-    if (xp_kv_store_init(&kv, L, kvd, nall) < 0) {
-        gpu_check_true("attention kv init", 0, xp_last_error());
-        return;
-    }
+    size_t cache = (size_t)nall * L * XP_KV_BLOCK * kvd * sizeof(float);
+    float *kc = calloc(1, cache), *vc = calloc(1, cache);
     /* block ids from the top down, two skipped, so neither sequence has 0.. in order */
     int32_t t1[256], t2[256];
     for (int i = 0; i < nb2; i++)
@@ -280,22 +287,24 @@ static void test_attention(int H, int KV, int d, int len, int len2, int nsplit)
     float *q = rnd_vec((size_t)n * H * d, 1.0f), *k = rnd_vec((size_t)n * kvd, 1.0f), *v = rnd_vec((size_t)n * kvd, 1.0f);
     float *qn = rnd_vec((size_t)d, 1.0f), *kn = rnd_vec((size_t)d, 1.0f), *inv = malloc(sizeof(float) * (size_t)(d / 2));
     for (int i = 0; i < d / 2; i++) inv[i] = (float)pow(1e6, -2.0 * i / d);
-    /* CPU: forward.c's xp_attention_block steps */
+    /* CPU */
     float *rq = malloc(sizeof(float) * (size_t)n * H * d), *rk = malloc(sizeof(float) * (size_t)n * kvd);
     memcpy(rq, q, sizeof(float) * (size_t)n * H * d);
     memcpy(rk, k, sizeof(float) * (size_t)n * kvd);
+    float *cs = malloc(sizeof(float) * (size_t)d);
     for (int i = 0; i < n; i++) {
         const int32_t *tab = i < len ? t1 : t2;
+        xp_rope_table(pos[i], inv, d, cs);
         for (int h = 0; h < H; h++) {
             xp_rmsnorm(rq + ((size_t)i * H + h) * d, qn, d, 1e-6f, rq + ((size_t)i * H + h) * d);
-            xp_rope(rq + ((size_t)i * H + h) * d, d, pos[i], inv);
+            xp_rope(rq + ((size_t)i * H + h) * d, d, cs);
         }
         for (int h = 0; h < KV; h++) {
             xp_rmsnorm(rk + ((size_t)i * KV + h) * d, kn, d, 1e-6f, rk + ((size_t)i * KV + h) * d);
-            xp_rope(rk + ((size_t)i * KV + h) * d, d, pos[i], inv);
+            xp_rope(rk + ((size_t)i * KV + h) * d, d, cs);
         }
-        memcpy(xp_kv_k(&kv, tab, layer, pos[i]), rk + (size_t)i * kvd, sizeof(float) * (size_t)kvd);
-        memcpy(xp_kv_v(&kv, tab, layer, pos[i]), v + (size_t)i * kvd, sizeof(float) * (size_t)kvd);
+        memcpy(gpu_kv_row(kc, tab, L, layer, pos[i], kvd), rk + (size_t)i * kvd, sizeof(float) * (size_t)kvd);
+        memcpy(gpu_kv_row(vc, tab, L, layer, pos[i], kvd), v + (size_t)i * kvd, sizeof(float) * (size_t)kvd);
     }
     float *ratt = calloc((size_t)n * H * d, sizeof(float)), *sc = malloc(sizeof(float) * (size_t)(len + len2));
     int group = H / KV;
@@ -305,20 +314,19 @@ static void test_attention(int H, int KV, int d, int len, int len2, int nsplit)
             const float *qq = rq + ((size_t)i * H + h) * d;
             float mx = -INFINITY, scale = 1.0f / sqrtf((float)d);
             for (int p = 0; p <= pos[i]; p++) {
-                sc[p] = xp_dot_ref(qq, xp_kv_k(&kv, tab, layer, p) + (h / group) * d, d) * scale;
+                sc[p] = xp_dot_ref(qq, gpu_kv_row(kc, tab, L, layer, p, kvd) + (h / group) * d, d) * scale;
                 if (sc[p] > mx) mx = sc[p];
             }
             double sum = 0;
             for (int p = 0; p <= pos[i]; p++) sum += sc[p] = expf(sc[p] - mx);
             float *o = ratt + ((size_t)i * H + h) * d;
             for (int p = 0; p <= pos[i]; p++) {
-                const float *vv = xp_kv_v(&kv, tab, layer, p) + (h / group) * d;
+                const float *vv = gpu_kv_row(vc, tab, L, layer, p, kvd) + (h / group) * d;
                 for (int c = 0; c < d; c++) o[c] += (float)(sc[p] / sum) * vv[c];
             }
         }
     }
     /* GPU */
-    size_t cache = (size_t)kv.n_blocks * L * XP_KV_BLOCK * kvd * sizeof(float);
     float *dq = gpu_up(q, sizeof(float) * (size_t)n * H * d), *dk = gpu_up(k, sizeof(float) * (size_t)n * kvd);
     float *dv = gpu_up(v, sizeof(float) * (size_t)n * kvd), *dqn = gpu_up(qn, sizeof(float) * (size_t)d);
     float *dkn = gpu_up(kn, sizeof(float) * (size_t)d), *dinv = gpu_up(inv, sizeof(float) * (size_t)(d / 2));
@@ -339,9 +347,9 @@ static void test_attention(int H, int KV, int d, int len, int len2, int nsplit)
     snprintf(name, sizeof name, "q norm+rope H=%d d=%d rows=%d", H, d, n);
     gpu_result(name, gpu_rel_err(gq, rq, (size_t)n * H * d), 1e-4);
     snprintf(name, sizeof name, "paged K store (norm+rope) KV=%d blocks=%d+%d", KV, nb1, nb2);
-    gpu_result(name, gpu_rel_err(gk, kv.k, cache / sizeof(float)), 1e-4);
+    gpu_result(name, gpu_rel_err(gk, kc, cache / sizeof(float)), 1e-4);
     snprintf(name, sizeof name, "paged V store KV=%d", KV);
-    gpu_result(name, gpu_rel_err(gv, kv.v, cache / sizeof(float)), 0);
+    gpu_result(name, gpu_rel_err(gv, vc, cache / sizeof(float)), 0);
     snprintf(name, sizeof name, "paged attention GQA %d/%d d=%d len=%d,%d splits=%d", H, KV, d, len, len2, nsplit);
     gpu_result(name, gpu_rel_err(gatt, ratt, (size_t)n * H * d), 1e-4);
     free(gq);
@@ -373,7 +381,9 @@ static void test_attention(int H, int KV, int d, int len, int len2, int nsplit)
     free(sc);
     free(pos);
     free(toff);
-    xp_kv_store_free(&kv);
+    free(kc);
+    free(vc);
+    free(cs);
 }
 
 static void test_elementwise(size_t n)

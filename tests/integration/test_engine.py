@@ -15,12 +15,14 @@ TOKENS = [9707, 11, 1879, 0, 151645, 198, 42, 7, 8, 9, 10, 11, 12, 13, 14, 15, 1
           100000, 151935, 3, 77]
 
 
-def score(model, tmp_path, adapter=None, tokens=TOKENS):
+def score(model, tmp_path, adapter=None, tokens=TOKENS, kv=None, extra=()):
+    """Logits of every position; kv picks the KV cache's element type (default: the engine's)."""
     out = tmp_path / "logits.npy"
-    args = ["score", "--model", model, "--tokens", ",".join(map(str, tokens)), "--out", out]
+    args = ["score", "--model", model, "--tokens", ",".join(map(str, tokens)), "--out", out, *extra]
     if adapter:
         args += ["--adapter", adapter]
-    run(*args)
+    env = dict(os.environ, XPREC_KV_DTYPE=kv) if kv else None
+    run(*args, env=env)
     return np.load(out)
 
 
@@ -76,6 +78,37 @@ def test_score_matches_reference(which, tiny, tiny_fp8, tiny_ct, tmp_path):
     assert rel_err(got, ref) < 1e-3
 
 
+@pytest.mark.parametrize("kv", ["f32", "bf16", "fp8"])
+def test_kv_cache_dtypes_match_reference(kv, tiny_fp8, tmp_path):
+    """Each KV element type against the reference holding its cache the same way, and each
+    rounding visible: F32 and FP8 differ from the default BF16 by more than the tolerance, so the
+    option reaches the cache and the reference models it."""
+    ref = qwen3_ref.Model(str(tiny_fp8), kv=kv).logits(TOKENS)
+    got = score(tiny_fp8, tmp_path, kv=kv)
+    assert rel_err(got, ref) < 1e-4  # measured 2e-6 or less
+    if kv != "bf16":
+        assert rel_err(got, qwen3_ref.Model(str(tiny_fp8), kv="bf16").logits(TOKENS)) > 1e-3
+
+
+@pytest.mark.parametrize("which", ["bf16", "fp8"])
+def test_fp8_lm_head_matches_reference(which, tiny, tiny_fp8, tmp_path):
+    """--lm-head fp8 quantizes the (BF16, untied) lm_head at load in 128x128 blocks: against the
+    reference holding it the same way, and visibly not the stored one."""
+    model = {"bf16": tiny, "fp8": tiny_fp8}[which]
+    ref = qwen3_ref.Model(str(model), lm_head="fp8").logits(TOKENS)
+    got = score(model, tmp_path, extra=("--lm-head", "fp8"))
+    assert rel_err(got, ref) < 1e-3
+    assert rel_err(got, qwen3_ref.Model(str(model)).logits(TOKENS)) > 1e-3
+
+
+def test_kv_cache_dtype_refused(tiny, tmp_path):
+    p = run("score", "--model", tiny, "--tokens", "1,2,3", "--out", tmp_path / "x.npy",
+            env=dict(os.environ, XPREC_KV_DTYPE="int4"), check=False)
+    assert p.returncode != 0 and 'KV cache dtype "int4"' in p.stderr and "bf16, f32, fp8" in p.stderr
+    p = run("generate", "--model", tiny, "--prompt", "hi", "--kv-dtype", "f16", check=False)
+    assert p.returncode == 1 and 'KV cache dtype "f16" is not one of bf16, f32, fp8' in p.stderr
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_score_with_adapter_matches_reference(tiny, tiny_fp8, tmp_path, rslora):
     ad = write_adapter(tiny, tmp_path / "ad", rslora=rslora)
@@ -100,7 +133,8 @@ def test_adapter_file_dtypes(tiny, tiny_fp8, tmp_path):
 
 def test_unmerged_equals_merged(tiny, tiny_fp8, tmp_path):
     """FP8 base + adapter, applied unmerged, against an F32 checkpoint holding
-    dequant(W_fp8) + scale * B A: equal up to F32 summation order."""
+    dequant(W_fp8) + scale * B A: equal up to F32 summation order (with an F32 KV cache: BF16
+    rounding would turn those last-bit differences into whole BF16 steps here and there)."""
     ad = write_adapter(tiny, tmp_path / "ad")
     ref = qwen3_ref.Model(str(tiny_fp8), str(ad))
     merged = tmp_path / "merged"
@@ -118,8 +152,8 @@ def test_unmerged_equals_merged(tiny, tiny_fp8, tmp_path):
     cfg = json.load(open(tiny_fp8 / "config.json"))
     del cfg["quantization_config"]
     json.dump(cfg, open(merged / "config.json", "w"))
-    a = score(tiny_fp8, tmp_path, adapter=ad)
-    b = score(merged, tmp_path)
+    a = score(tiny_fp8, tmp_path, adapter=ad, kv="f32")
+    b = score(merged, tmp_path, kv="f32")
     assert rel_err(a, b.astype(np.float64)) < 2e-5
 
 

@@ -40,7 +40,7 @@ def models(tmp_path_factory):
 def http_block(models, engine_extra="", extra=""):
     keys_a = " ".join(f"key_sha256={keyhash(k)}" for k in KEYS["alpha"])
     return f"""
-    xprec_engine {models}/base-fp8 name=qwen-tiny threads=2 kv_cache=64m {engine_extra};
+    xprec_engine {models}/base-fp8 name=qwen-tiny threads=2 kv_cache=32m {engine_extra};
     xprec_adapter bio {models}/bio;
     xprec_adapter law {models}/law pinned;
     xprec_tenant alpha {keys_a} models=*;
@@ -383,7 +383,7 @@ def test_disconnect_frees_sequence(gw):
 
 # ------------------------------------------------------------------ bad input
 
-LONG = list(range(1000, 1000 + 40000))  # more tokens than the context (32768)
+LONG = list(range(1000, 1000 + 40000))  # more tokens than the context (32768: 32 MB of BF16 KV)
 
 BAD_BODIES = [
     # (path, body bytes or object, status, code, param)

@@ -105,3 +105,14 @@ def e4m3_step(code_values):
     a = np.abs(code_values.astype(np.float64))
     e = np.floor(np.log2(np.maximum(a, 2.0 ** -6)))
     return np.where(a < 2.0 ** -6, 2.0 ** -9, 2.0 ** (e - 3))
+
+
+def e4m3_round(x):
+    """x (float32, |x| <= 448) to the nearest E4M3 value, ties to the even code."""
+    pos = E4M3[:0x7F]  # the non-negative finite values, ascending with the code
+    a = np.abs(x.astype(np.float64))
+    hi = np.clip(np.searchsorted(pos, a), 1, len(pos) - 1)
+    lo = hi - 1
+    dl, dh = a - pos[lo], pos[hi] - a
+    code = np.where(dl < dh, lo, np.where(dh < dl, hi, np.where(lo % 2 == 0, lo, hi)))
+    return np.copysign(pos[code], x)

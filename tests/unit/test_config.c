@@ -663,6 +663,93 @@ static void test_rewrite_keeps_numbers_exact(void **state)
     cJSON_Delete(r);
 }
 
+/* rope_scaling: YaRN with transformers' defaults and derived attention factor; plain RoPE for
+ * null and "default"; anything else refused with what was wrong. */
+static void test_rope_scaling(void **state)
+{
+    xp_qwen3_config c;
+    char *t = cfg_with(qwen3_06b, "rope_scaling",
+                       "{'rope_type':'yarn','factor':4.0,'original_max_position_embeddings':32768}");
+    if (xp_qwen3_config_parse(t, &c, NULL) < 0) fail_msg("%s", xp_last_error());
+    free(t);
+    assert_int_equal(c.rope.yarn, 1);
+    assert_true(c.rope.factor == 4.0);
+    assert_int_equal(c.rope.original_max_position_embeddings, 32768);
+    assert_true(c.rope.beta_fast == 32 && c.rope.beta_slow == 1 && c.rope.truncate == 1);
+    assert_true(fabs(c.rope.attention_factor - (0.1 * log(4.0) + 1)) < 1e-15);
+    assert_int_equal(c.max_position_embeddings, 40960); /* as written */
+    assert_int_equal(xp_qwen3_positions(&c), 131072);   /* what the model serves */
+    /* the inverse frequencies: the fast dimensions kept, the slow ones divided by the factor,
+     * a ramp between (transformers' correction range: dims 23..40 of 64 here) */
+    float inv[64], plain[64];
+    xp_qwen3_inv_freq(&c, inv);
+    xp_rope_scaling y = c.rope;
+    c.rope.yarn = 0;
+    xp_qwen3_inv_freq(&c, plain);
+    c.rope = y;
+    for (int i = 0; i < 64; i++) {
+        assert_true(plain[i] == (float)pow(1e6, -2.0 * i / 128));
+        if (i <= 23) assert_true(inv[i] == plain[i]);
+        if (i >= 40) assert_true(inv[i] == (float)(pow(1e6, -2.0 * i / 128) / 4));
+        if (i > 23 && i < 40) assert_true(inv[i] < plain[i] && inv[i] > plain[i] / 4);
+    }
+    /* mscale / mscale_all_dim, an explicit attention_factor, the older "type" key */
+    t = cfg_with(qwen3_06b, "rope_scaling",
+                 "{'type':'yarn','factor':2,'mscale':1.0,'mscale_all_dim':0.5}");
+    assert_int_equal(xp_qwen3_config_parse(t, &c, NULL), 0);
+    free(t);
+    assert_true(fabs(c.rope.attention_factor - (0.1 * log(2.0) + 1) / (0.05 * log(2.0) + 1)) <
+                1e-15);
+    assert_int_equal(c.rope.original_max_position_embeddings, 40960);
+    t = cfg_with(qwen3_06b, "rope_scaling", "{'rope_type':'yarn','factor':2,'attention_factor':1.5}");
+    assert_int_equal(xp_qwen3_config_parse(t, &c, NULL), 0);
+    free(t);
+    assert_true(c.rope.attention_factor == 1.5);
+    /* plain RoPE */
+    t = cfg_with(qwen3_06b, "rope_scaling", "{'rope_type':'default'}");
+    assert_int_equal(xp_qwen3_config_parse(t, &c, NULL), 0);
+    assert_int_equal(c.rope.yarn, 0);
+    free(t);
+    /* the override replaces the file's, and is checked the same way */
+    t = json(qwen3_06b);
+    assert_int_equal(xp_qwen3_config_parse(t, &c, NULL), 0);
+    free(t);
+    assert_int_equal(xp_rope_scaling_parse("{\"rope_type\":\"yarn\",\"factor\":2}", &c), 0);
+    assert_int_equal(c.rope.yarn, 1);
+    assert_int_equal(xp_qwen3_positions(&c), 81920);
+    assert_int_equal(xp_rope_scaling_parse("null", &c), 0);
+    assert_int_equal(c.rope.yarn, 0);
+    assert_int_equal(xp_rope_scaling_parse("{\"rope_type\":\"linear\",\"factor\":2}", &c), -1);
+    assert_error_contains("rope scaling override");
+    assert_error_contains("\"linear\" is not supported");
+    assert_int_equal(xp_rope_scaling_parse("{yarn", &c), -1);
+    assert_error_contains("not JSON");
+    /* refusals */
+    static const struct {
+        const char *rs, *want;
+    } bad[] = {{"{'rope_type':'linear','factor':2}", "\"linear\" is not supported"},
+               {"{'rope_type':'dynamic','factor':2}", "\"dynamic\" is not supported"},
+               {"{'rope_type':'longrope','factor':2}", "\"longrope\" is not supported"},
+               {"{'rope_type':'yarn'}", "has no factor"},
+               {"{'rope_type':'yarn','factor':0.5}", "factor must be a number >= 1"},
+               {"{'rope_type':'yarn','factor':'2'}", "factor must be a number"},
+               {"{'rope_type':'yarn','factor':2,'original_max_position_embeddings':10.5}",
+                "must be an integer"},
+               {"{'rope_type':'yarn','factor':2,'beta_fast':1,'beta_slow':32}",
+                "beta_fast 1 is below beta_slow 32"},
+               {"{'rope_type':'yarn','factor':2,'truncate':1}", "truncate must be true or false"},
+               {"{'rope_type':'yarn','factor':2,'short_factor':[1]}",
+                "\"short_factor\" is not a YaRN parameter"},
+               {"{'rope_type':'yarn','type':'linear','factor':2}", "says rope_type"},
+               {"{'factor':2}", "no rope_type"},
+               {"[1]", "must be an object or null"}};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        t = cfg_with(qwen3_06b, "rope_scaling", bad[i].rs);
+        expect_parse_fails(t, "rope_scaling", bad[i].want);
+        free(t);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -679,6 +766,7 @@ int main(void)
         cmocka_unit_test(test_config_json_and_load),
         cmocka_unit_test(test_tensor_role),
         cmocka_unit_test(test_module_names_and_shapes),
+        cmocka_unit_test(test_rope_scaling),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -34,6 +34,8 @@ static tk_weight make_weight(xp_dtype dt, int64_t rows, int64_t cols, int br, in
             ((uint8_t *)k.w)[i] = c;
         } else if (dt == XP_BF16) {
             ((uint16_t *)k.w)[i] = xp_f32_to_bf16(v);
+        } else if (dt == XP_F16) {
+            ((uint16_t *)k.w)[i] = xp_f32_to_f16(v);
         } else {
             ((float *)k.w)[i] = v;
         }
@@ -107,7 +109,7 @@ static void test_fp8_scale_edges(void **state)
             x[i] = (float)((i * 7919) % 13) * 0.125f - 0.75f;
         xp_pool *pool = xp_pool_create(1);
         float *scratch = malloc(xp_linear_scratch_floats(256) * 4);
-        xp_linear_forward(pool, &scratch, &k.l, x, 4, y);
+        xp_linear_forward(pool, &scratch, &k.l, x, 4, y, NULL);
         xp_linear_forward_ref(&k.l, x, 4, ref);
         for (int i = 0; i < 4; i++)
             for (int64_t r = 0; r < k.l.rows; r++) {
@@ -201,7 +203,7 @@ static void check_linear(xp_dtype dt, int64_t rows, int64_t cols, int threads)
     float **scratch = calloc((size_t)threads, sizeof *scratch);
     for (int t = 0; t < threads; t++)
         scratch[t] = malloc(xp_linear_scratch_floats(cols) * 4);
-    xp_linear_forward(pool, scratch, &k.l, x, n, y);
+    xp_linear_forward(pool, scratch, &k.l, x, n, y, NULL);
     xp_linear_forward_ref(&k.l, x, n, ref);
     float mx = 0;
     for (int64_t i = 0; i < n * rows; i++)
@@ -210,7 +212,7 @@ static void check_linear(xp_dtype dt, int64_t rows, int64_t cols, int threads)
         assert_true(fabsf(y[i] - ref[i]) <= 1e-5f * mx);
     /* batch invariance: every row alone gives the same bits as inside the batch of 9 */
     for (int i = 0; i < n; i++) {
-        xp_linear_forward(pool, scratch, &k.l, x + i * cols, 1, one);
+        xp_linear_forward(pool, scratch, &k.l, x + i * cols, 1, one, NULL);
         assert_memory_equal(one, y + i * rows, (size_t)rows * 4);
     }
     for (int t = 0; t < threads; t++)
@@ -241,6 +243,215 @@ static void test_scalar_fallback(void **state)
     check_linear(XP_F8_E4M3, 67, 130, 2);
     check_linear(XP_BF16, 33, 77, 1);
     xp_cpu_force_scalar(0);
+}
+
+/* y = x W^T through the pool against the scalar reference, with the reference's own bound: the
+ * summation order differs, so each element may move by a few ulps of the sum of |terms|. */
+static void check_against_reference(const xp_linear *l, const float *x, int n, const float *y)
+{
+    float *row = malloc((size_t)l->cols * 4), *ref = malloc((size_t)(n * l->rows) * 4);
+    xp_linear_forward_ref(l, x, n, ref);
+    for (int64_t r = 0; r < l->rows; r++) {
+        xp_decode_row_ref(l, r, row);
+        for (int i = 0; i < n; i++) {
+            double mag = 0;
+            for (int64_t j = 0; j < l->cols; j++)
+                mag += fabs((double)x[i * l->cols + j] * row[j]);
+            double got = y[(size_t)i * l->rows + r], want = ref[(size_t)i * l->rows + r];
+            if (!(fabs(got - want) <= 2e-6 * mag + 1e-30))
+                fail_msg("row %d out %lld: %g vs reference %g (|terms| %g), %lldx%lld", i,
+                         (long long)r, got, want, mag, (long long)l->rows, (long long)l->cols);
+        }
+    }
+    free(row);
+    free(ref);
+}
+
+/* The register-blocked kernels on ragged shapes (rows and columns not multiples of the tiles,
+ * of 16 or of 128; FP8 blocks of 128, 64 and 48 columns, the last not a multiple of the
+ * AVX-512 chunk), every batch size from the register-decoding path (1-4 rows) to the tile path,
+ * every thread count: each against the reference, and each row's outputs the same bits alone,
+ * in the batch, and at another position in a reversed batch. */
+static void check_blocked(xp_dtype dt, int64_t rows, int64_t cols, int br, int bc)
+{
+    tk_weight k = make_weight(dt, rows, cols, br, bc, (uint64_t)(rows * 131 + cols + bc));
+    enum { N = 37 };
+    float *x = malloc((size_t)(N * cols) * 4), *rev = malloc((size_t)(N * cols) * 4);
+    float *y = malloc((size_t)(N * rows) * 4), *yr = malloc((size_t)(N * rows) * 4);
+    float *one = malloc((size_t)rows * 4);
+    tu_rng r;
+    tu_rng_seed(&r, (uint64_t)cols);
+    for (int64_t i = 0; i < N * cols; i++)
+        x[i] = (float)tu_rng_normal(&r);
+    static const int ns[] = {1, 2, 3, 4, 5, 7, 13, N};
+    for (int threads = 1; threads <= 3; threads += 2) {
+        xp_pool *pool = xp_pool_create(threads);
+        float **scratch = calloc((size_t)threads, sizeof *scratch);
+        for (int t = 0; t < threads; t++)
+            scratch[t] = malloc(xp_linear_scratch_floats(cols) * 4);
+        /* every row alone first: the bits the batches must reproduce */
+        float *alone = malloc((size_t)(N * rows) * 4);
+        for (int i = 0; i < N; i++)
+            xp_linear_forward(pool, scratch, &k.l, x + i * cols, 1, alone + i * rows, NULL);
+        check_against_reference(&k.l, x, N, alone);
+        xp_linear_forward(pool, scratch, &k.l, x, 0, NULL, NULL); /* a step that wants no logits */
+        for (size_t c = 0; c < sizeof ns / sizeof *ns; c++) {
+            int n = ns[c];
+            xp_linear_forward(pool, scratch, &k.l, x, n, y, NULL);
+            assert_memory_equal(y, alone, (size_t)(n * rows) * 4);
+            for (int i = 0; i < n; i++)
+                memcpy(rev + (size_t)i * cols, x + (size_t)(n - 1 - i) * cols, (size_t)cols * 4);
+            xp_linear_forward(pool, scratch, &k.l, rev, n, yr, NULL);
+            for (int i = 0; i < n; i++)
+                assert_memory_equal(yr + (size_t)i * rows, alone + (size_t)(n - 1 - i) * rows,
+                                    (size_t)rows * 4);
+        }
+        free(alone);
+        for (int t = 0; t < threads; t++)
+            free(scratch[t]);
+        free(scratch);
+        xp_pool_destroy(pool);
+    }
+    free(x);
+    free(rev);
+    free(y);
+    free(yr);
+    free(one);
+    free_weight(&k);
+}
+
+static void blocked_shapes(void)
+{
+    static const int64_t shapes[][2] = {{1, 5}, {13, 130}, {37, 257}, {130, 272}, {7, 1024}};
+    for (int s = 0; s < 5; s++) {
+        int64_t rows = shapes[s][0], cols = shapes[s][1];
+        check_blocked(XP_F8_E4M3, rows, cols, 128, 128);
+        check_blocked(XP_F8_E4M3, rows, cols, 32, 64);
+        check_blocked(XP_F8_E4M3, rows, cols, 5, 48);
+        check_blocked(XP_BF16, rows, cols, 0, 0);
+        check_blocked(XP_F16, rows, cols, 0, 0);
+        check_blocked(XP_F32, rows, cols, 0, 0);
+    }
+}
+
+static void test_blocked_kernels_match_reference_and_are_batch_invariant(void **state)
+{
+    blocked_shapes();
+}
+
+static void test_blocked_kernels_scalar(void **state)
+{
+    xp_cpu_force_scalar(1);
+    blocked_shapes();
+    xp_cpu_force_scalar(0);
+}
+
+/* The blocked LoRA expand gives, row by row, the bits of the per-row form it replaced (an F32
+ * run summed with xp_axpy / xp_axpy_bf16 over k, then added once), at every level, for ragged
+ * row counts, ranks, output runs and offsets. */
+static void test_lora_expand_matches_axpy_form(void **state)
+{
+    tu_rng r;
+    tu_rng_seed(&r, 77);
+    enum { OD = 300, ROWS = 9, RANK = 17 };
+    static float t[ROWS * 20], bt[RANK * OD], out[ROWS * OD], want[ROWS * OD], acc[OD];
+    static uint16_t bth[RANK * OD];
+    for (int i = 0; i < RANK * OD; i++) {
+        bth[i] = xp_f32_to_bf16((float)tu_rng_normal(&r));
+        bt[i] = (float)tu_rng_normal(&r);
+    }
+    for (int i = 0; i < ROWS * 20; i++)
+        t[i] = (float)tu_rng_normal(&r);
+    for (int scalar = 0; scalar < 2; scalar++) {
+        xp_cpu_force_scalar(scalar);
+        for (int bf16 = 0; bf16 < 2; bf16++)
+            for (int n = 1; n <= ROWS; n += 2)
+                for (int rank = 1; rank <= RANK; rank += 4)
+                    for (int o0 = 0; o0 < 40; o0 += 13)
+                        for (int len = 1; o0 + len <= OD; len += 37) {
+                            for (int i = 0; i < ROWS * OD; i++)
+                                out[i] = want[i] = (float)(i % 7) - 3.0f;
+                            xp_lora_expand(bf16 ? (const void *)bth : bt, bf16, OD, rank, t, 20,
+                                           n, out, OD, o0, len);
+                            for (int i = 0; i < n; i++) {
+                                memset(acc, 0, sizeof acc);
+                                for (int k = 0; k < rank; k++) {
+                                    if (bf16)
+                                        xp_axpy_bf16(t[i * 20 + k], bth + k * OD + o0, acc, len);
+                                    else
+                                        xp_axpy(t[i * 20 + k], bt + k * OD + o0, acc, len);
+                                }
+                                for (int o = 0; o < len; o++)
+                                    want[i * OD + o0 + o] += acc[o];
+                            }
+                            assert_memory_equal(out, want, sizeof out);
+                        }
+    }
+    xp_cpu_force_scalar(0);
+}
+
+static void inc(void *ctx, int task, int thread);
+
+/* Extra tasks in a product's pool call each run once, and leave the product as it was; with no
+ * rows wanted they still run. */
+static void test_linear_carries_extra_tasks(void **state)
+{
+    tk_weight k = make_weight(XP_F8_E4M3, 37, 256, 128, 128, 3);
+    float x[3 * 256], y[3 * 37], want[3 * 37];
+    for (int i = 0; i < 3 * 256; i++)
+        x[i] = (float)(i % 17) - 8.0f;
+    for (int threads = 1; threads <= 3; threads++) {
+        xp_pool *pool = xp_pool_create(threads);
+        float **scratch = calloc((size_t)threads, sizeof *scratch);
+        for (int t = 0; t < threads; t++)
+            scratch[t] = malloc(xp_linear_scratch_floats(256) * 4);
+        for (int n = 0; n <= 3; n += 3) {
+            int hits[23] = {0};
+            xp_pool_extra also = {23, inc, hits};
+            if (n) xp_linear_forward(pool, scratch, &k.l, x, n, want, NULL);
+            xp_linear_forward(pool, scratch, &k.l, x, n, y, &also);
+            for (int i = 0; i < 23; i++)
+                assert_int_equal(hits[i], 1);
+            if (n) assert_memory_equal(y, want, sizeof y);
+        }
+        for (int t = 0; t < threads; t++)
+            free(scratch[t]);
+        free(scratch);
+        xp_pool_destroy(pool);
+    }
+    free_weight(&k);
+}
+
+/* Several products of the same rows in one pool call give each one's bits. */
+static void test_linear_forward_many(void **state)
+{
+    tk_weight w[3] = {make_weight(XP_F8_E4M3, 70, 130, 128, 64, 1),
+                      make_weight(XP_BF16, 13, 130, 0, 0, 2),
+                      make_weight(XP_F8_E4M3, 260, 130, 32, 32, 3)};
+    float x[9 * 130], *y[3], *want = malloc(9 * 260 * 4);
+    for (int i = 0; i < 9 * 130; i++)
+        x[i] = (float)((i * 37) % 19) * 0.1f - 0.9f;
+    xp_pool *pool = xp_pool_create(3);
+    float *scratch[3];
+    for (int t = 0; t < 3; t++)
+        scratch[t] = malloc(xp_linear_scratch_floats(130) * 4);
+    for (int n = 1; n <= 9; n += 4) {
+        xp_product p[3];
+        for (int k = 0; k < 3; k++)
+            p[k] = (xp_product){&w[k].l, y[k] = malloc((size_t)(9 * w[k].l.rows) * 4)};
+        xp_linear_forward_many(pool, scratch, p, 3, x, n, NULL);
+        for (int k = 0; k < 3; k++) {
+            xp_linear_forward(pool, scratch, &w[k].l, x, n, want, NULL);
+            assert_memory_equal(y[k], want, (size_t)(n * w[k].l.rows) * 4);
+            free(y[k]);
+        }
+    }
+    for (int t = 0; t < 3; t++)
+        free(scratch[t]);
+    xp_pool_destroy(pool);
+    for (int k = 0; k < 3; k++)
+        free_weight(&w[k]);
+    free(want);
 }
 
 static void inc(void *ctx, int task, int thread)
@@ -302,6 +513,11 @@ int main(void)
         cmocka_unit_test(test_bf16_lora_kernels_match_f32),
         cmocka_unit_test(test_linear_matches_reference_and_is_batch_invariant),
         cmocka_unit_test(test_scalar_fallback),
+        cmocka_unit_test(test_blocked_kernels_match_reference_and_are_batch_invariant),
+        cmocka_unit_test(test_blocked_kernels_scalar),
+        cmocka_unit_test(test_lora_expand_matches_axpy_form),
+        cmocka_unit_test(test_linear_carries_extra_tasks),
+        cmocka_unit_test(test_linear_forward_many),
         cmocka_unit_test(test_pool_runs_every_task_once),
         cmocka_unit_test(test_pool_back_to_back_calls),
     };

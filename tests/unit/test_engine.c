@@ -101,6 +101,17 @@ static xp_engine *start(int max_batch, int max_adapters, size_t kv_bytes, int ch
     return e;
 }
 
+/* Bytes of one KV block in the engine's default storage. */
+static size_t kv_block_bytes(void)
+{
+    xp_engine_opts o = {.threads = 1, .kv_bytes = 1u << 20, .max_batch = 1};
+    xp_engine *e = xp_engine_create(model_dir, &o);
+    if (!e) fail_msg("engine: %s", xp_last_error());
+    size_t b = xp_engine_kv_block_bytes(e);
+    xp_engine_destroy(e);
+    return b;
+}
+
 static const char *const prompts[8] = {"The quick brown fox",
                                        "Hello",
                                        "FP8 block quantization keeps one scale per block",
@@ -206,8 +217,7 @@ static void test_waits_for_blocks(void **state)
     if (!have_model) skip();
     /* room for 64 positions: two requests of 40 cannot run together. Both start (each takes
      * blocks as it grows); when the cache runs out the newer one is sent back and recomputed */
-    size_t block = 2 * 2 * 16 * 32 * sizeof(float); /* layers * K,V * positions * kv_dim */
-    xp_engine *e = start(4, 2, 4 * block, 64);
+    xp_engine *e = start(4, 2, 4 * kv_block_bytes(), 64);
     xp_queue *q = xp_queue_create();
     int32_t toks[8] = {1, 2, 3, 4, 5, 6, 7, 8};
     xp_request r = {.tokens = toks, .n_tokens = 8, .max_tokens = 32};
@@ -281,7 +291,7 @@ static void test_preemption_recomputes_exactly(void **state)
 static void test_refusals(void **state)
 {
     if (!have_model) skip();
-    xp_engine *e = start(2, 2, 1u << 20, 64);
+    xp_engine *e = start(2, 2, 128 * kv_block_bytes(), 64); /* 2048 positions */
     xp_queue *q = xp_queue_create();
     xp_request r = {.adapter = "nope", .prompt = "hi"};
     assert_int_equal(xp_engine_submit(e, &r, q), 0);

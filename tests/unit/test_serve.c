@@ -455,7 +455,7 @@ static void test_logprobs_match_backend(void **state)
     assert_int_equal(ng, GEN);
     /* the same tokens through the backend directly */
     xp_model *m;
-    assert_int_equal(xp_model_load(model_dir, &m), 0);
+    assert_int_equal(xp_model_load(model_dir, NULL, &m), 0);
     int V = m->cfg.vocab_size, n = 6 + GEN;
     int32_t all[6 + GEN];
     memcpy(all, prompt, sizeof prompt);
