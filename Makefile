@@ -24,6 +24,12 @@ UNIT_SUPPORT := $(filter-out $(UNIT_SRC),$(wildcard tests/unit/*.c))
 obj      = $(patsubst %.c,$(BUILD)/$(1)/%.o,$(2))
 LIB      := $(BUILD)/lib/libxprec.a
 LIB_SAN  := $(BUILD)/san/libxprec.a
+LIB_PIC  := $(BUILD)/pic/libxprec.a
+# the nginx module, built against Debian's nginx (nginx-dev) with its own configure flags
+NGX_SRC  ?= /usr/share/nginx/src
+NGX_DIR  := $(BUILD)/nginx/src
+MODULE   := $(BUILD)/nginx/ngx_xprec_module.so
+MODULE_SRC := $(wildcard ngx_xprec_module/*.c ngx_xprec_module/*.h) config
 # the toolkit's objects as an archive: a test pulls in only the members it calls (svd, extract)
 TOOLLIB  := $(BUILD)/lib/libxptool.a
 TOOLLIB_SAN := $(BUILD)/san/libxptool.a
@@ -32,18 +38,27 @@ XPREC_SAN:= $(BUILD)/san/bin/xprec
 UNITS    := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRC))
 UNITS_SAN:= $(patsubst tests/unit/%.c,$(BUILD)/san/tests/%,$(UNIT_SRC))
 
-.PHONY: all check deps unit unit-san integration fuzz demo bench clean format
-all: $(XPREC) $(LIB)
+.PHONY: all check deps unit unit-san integration fuzz demo bench clean format module install
+all: $(XPREC) $(LIB) $(MODULE)
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/pic/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -fPIC -c $< -o $@
 
 $(BUILD)/san/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -O1 $(SAN) -c $< -o $@
 
 $(LIB): $(call obj,obj,$(ENGINE_SRC))
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+# the same library position-independent, for the nginx module (a shared object)
+$(LIB_PIC): $(call obj,pic/obj,$(ENGINE_SRC))
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
@@ -74,6 +89,29 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(call obj,obj,$(UNIT_SUPPORT)) $(
 $(BUILD)/san/tests/%: $(BUILD)/san/obj/tests/unit/%.o $(call obj,san/obj,$(UNIT_SUPPORT)) $(TOOLLIB_SAN) $(LIB_SAN)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(BLAS_LIBS) $(LDLIBS) -lcmocka
+
+$(NGX_DIR)/objs/Makefile: config $(NGX_SRC)/conf_flags
+	rm -rf $(NGX_DIR) && mkdir -p $(dir $(NGX_DIR)) && cp -r $(NGX_SRC) $(NGX_DIR)
+	cd $(NGX_DIR) && bash -c '. ./conf_flags && ./configure "$${NGX_CONF_FLAGS[@]}" \
+	    --add-dynamic-module=$(CURDIR)' >$(CURDIR)/$(BUILD)/nginx/configure.log
+
+$(MODULE): $(NGX_DIR)/objs/Makefile $(MODULE_SRC) $(LIB_PIC) engine/xprec.h
+	rm -f $(NGX_DIR)/objs/ngx_xprec_module.so
+	$(MAKE) -C $(NGX_DIR) -f objs/Makefile modules
+	cp $(NGX_DIR)/objs/ngx_xprec_module.so $@
+
+module: $(MODULE)
+
+# as Debian's nginx module packages do: the .so, a load_module snippet, and its link
+NGX_MODDIR ?= /usr/lib/nginx/modules
+install: $(MODULE)
+	install -D -m 644 $(MODULE) $(DESTDIR)$(NGX_MODDIR)/ngx_xprec_module.so
+	install -d $(DESTDIR)/usr/share/nginx/modules-available $(DESTDIR)/etc/nginx/modules-enabled
+	echo 'load_module modules/ngx_xprec_module.so;' \
+	    >$(DESTDIR)/usr/share/nginx/modules-available/mod-http-xprec.conf
+	ln -sf /usr/share/nginx/modules-available/mod-http-xprec.conf \
+	    $(DESTDIR)/etc/nginx/modules-enabled/50-mod-http-xprec.conf
+	install -D -m 755 $(XPREC) $(DESTDIR)/usr/bin/xprec
 
 deps:
 	scripts/deps.sh
@@ -108,7 +146,8 @@ format:
 	clang-format -i $(ENGINE_SRC) $(ADAPTERS_SRC) $(UNIT_SRC) $(wildcard engine/*.h engine/*/*.h adapters/*.h)
 
 clean:
-	rm -rf $(BUILD)/obj $(BUILD)/san $(BUILD)/lib $(BUILD)/bin $(BUILD)/tests
+	rm -rf $(BUILD)/obj $(BUILD)/san $(BUILD)/pic $(BUILD)/lib $(BUILD)/bin $(BUILD)/tests \
+	    $(BUILD)/nginx
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
 -include cuda.mk

@@ -49,6 +49,7 @@ typedef struct {
     int adapter_slots; /* adapters that can be loaded at once */
     size_t kv_bytes;   /* KV storage budget, */
     int kv_blocks;     /* or an exact block count when > 0 */
+    int device;        /* a device backend's device index; 0: its default */
 } xp_backend_opts;
 
 typedef struct xp_backend xp_backend;

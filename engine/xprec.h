@@ -17,6 +17,9 @@
 typedef struct xp_engine xp_engine;
 typedef struct xp_queue xp_queue;
 
+/* What the last failing call on this thread said (every function returns 0/-1 or NULL). */
+const char *xp_last_error(void);
+
 typedef struct {
     int threads;         /* compute threads; 0 = all cores */
     size_t kv_bytes;     /* KV cache capacity; 0 = 256 MiB */
@@ -25,6 +28,7 @@ typedef struct {
     int prefill_chunk;   /* token rows per step; 0 = 256 */
     const char *backend; /* "cpu" (default), "cuda", or "auto" (CUDA when built in and a GPU
                             is present, else CPU); NULL: $XPREC_BACKEND, else "cpu" */
+    int device;          /* CUDA device index; 0: $XPREC_CUDA_DEVICE, else the first */
 } xp_engine_opts;
 
 #define XP_MAX_TOP_LOGPROBS 20
@@ -132,6 +136,20 @@ typedef struct {
     double idle_seconds; /* since it was last used (or registered) */
 } xp_adapter_info;
 
+/* What a model directory holds, as xp_model_check finds it. */
+typedef struct {
+    int max_position_embeddings, vocab_size, layers, hidden_size;
+    int fp8; /* linear weights are FP8 block-quantized */
+} xp_model_info;
+
+/* Checks a model directory the way xp_engine_create would, without loading weights:
+ * config.json, every tensor's presence, shape and dtype (from the safetensors headers and the
+ * FP8 scales), and the tokenizer. For configuration checks (nginx -t); -1 + xp_last_error(). */
+int xp_model_check(const char *dir, xp_model_info *info);
+/* Checks a PEFT adapter against a model directory: format, targets, shapes and rank, without
+ * loading its weights. *max_rank (may be NULL) gets its largest rank. */
+int xp_adapter_check(const char *model_dir, const char *adapter_dir, int *max_rank);
+
 /* Loads the model (and its tokenizer) and starts the engine's threads. NULL + xp_last_error(). */
 xp_engine *xp_engine_create(const char *model_dir, const xp_engine_opts *opts);
 /* Cancels everything in flight, stops the threads, frees all. */
@@ -174,5 +192,10 @@ size_t xp_engine_kv_block_bytes(const xp_engine *e);
 uint64_t xp_engine_step_bytes(const xp_engine *e);
 /* Read bandwidth, bytes/s, of the memory the backend keeps the weights in (measured now). */
 double xp_engine_read_bandwidth(xp_engine *e);
+/* A token's raw bytes (a piece of UTF-8, possibly partial), valid while e lives; NULL for an id
+ * without a token. */
+const char *xp_engine_token_bytes(const xp_engine *e, int32_t id, size_t *len);
+/* Text of token ids, malloc'd (*len its length); NULL when out of memory. */
+char *xp_engine_decode(const xp_engine *e, const int32_t *ids, size_t n, size_t *len);
 
 #endif

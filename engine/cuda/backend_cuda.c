@@ -224,7 +224,7 @@ static void *xpc_create(const xp_model *m, const xp_backend_opts *o, int *kv_blo
         xp_fail("no CUDA device: %s", e != cudaSuccess ? cudaGetErrorString(e) : "none found");
         return NULL;
     }
-    int dev = xpc_env_int("XPREC_CUDA_DEVICE", 0);
+    int dev = o->device > 0 ? o->device : xpc_env_int("XPREC_CUDA_DEVICE", 0);
     struct cudaDeviceProp prop;
     if (dev < 0 || dev >= ndev || (e = cudaSetDevice(dev)) != cudaSuccess ||
         (e = cudaGetDeviceProperties(&prop, dev)) != cudaSuccess) {

@@ -65,7 +65,8 @@ xp_engine *xp_engine_create(const char *model_dir, const xp_engine_opts *opts)
                           .max_rows = e->o.prefill_chunk,
                           .max_ctx = g->max_position_embeddings,
                           .adapter_slots = e->o.max_adapters,
-                          .kv_bytes = e->o.kv_bytes};
+                          .kv_bytes = e->o.kv_bytes,
+                          .device = e->o.device};
     int blocks = 0;
     if (xp_backend_open(e->o.backend, e->model, &bo, &e->be, &e->rt, &blocks) < 0) goto fail;
     if (xp_kv_blocks_init(&e->kv, blocks) < 0) goto fail;
@@ -221,6 +222,16 @@ size_t xp_engine_kv_block_bytes(const xp_engine *e)
 uint64_t xp_engine_step_bytes(const xp_engine *e)
 {
     return xp_model_step_bytes(e->model);
+}
+
+const char *xp_engine_token_bytes(const xp_engine *e, int32_t id, size_t *len)
+{
+    return xp_tokenizer_token_bytes(e->tok, id, len);
+}
+
+char *xp_engine_decode(const xp_engine *e, const int32_t *ids, size_t n, size_t *len)
+{
+    return xp_tokenizer_decode(e->tok, ids, n, len);
 }
 
 double xp_engine_read_bandwidth(xp_engine *e)

@@ -142,6 +142,13 @@ const char *xp_detok_push(xp_detok *d, int32_t id, size_t *len)
     return d->buf;
 }
 
+const char *xp_tokenizer_token_bytes(const xp_tokenizer *t, int32_t id, size_t *len)
+{
+    if (id < 0 || id >= t->n_ids || t->tok_kind[id] == XP_TOK_NONE) return NULL;
+    *len = t->tok_len[id];
+    return t->arena + t->tok_off[id];
+}
+
 const char *xp_detok_flush(xp_detok *d, size_t *len)
 {
     *len = 0;

@@ -38,6 +38,10 @@ int xp_tokenizer_is_stop(const xp_tokenizer *t, int32_t id);
 int xp_tokenizer_encode(const xp_tokenizer *t, const char *text, size_t len, int allow_special,
                         int32_t **ids, size_t *n);
 
+/* The bytes of one id as the model sees them: raw bytes for a BPE token (possibly part of a
+ * UTF-8 character), the content of an added token; NULL for an id without a token. */
+const char *xp_tokenizer_token_bytes(const xp_tokenizer *t, int32_t id, size_t *len);
+
 /* Decodes ids into a malloc'd NUL-terminated string (its byte length in *len if len != NULL).
  * Ids without a token (a model's padding rows, negative ids) decode to nothing, as in the
  * reference. NULL only when out of memory. */
