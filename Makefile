@@ -10,8 +10,9 @@ CFLAGS  += -std=c11 -D_GNU_SOURCE -pthread $(WARN) -Iengine -MMD -MP
 # the toolkit and the tests see the toolkit's headers; the engine does not
 $(BUILD)/obj/adapters/%.o $(BUILD)/san/obj/adapters/%.o $(BUILD)/obj/tests/%.o $(BUILD)/san/obj/tests/%.o: CFLAGS += -Iadapters
 # what libxprec needs; OpenBLAS/LAPACKE only for the toolkit's linear algebra (SVD, extraction)
+# and OpenSSL for xprec keyhash
 LDLIBS  := -lcjson -lpcre2-8 -lutf8proc -lm -pthread
-BLAS_LIBS := $(shell pkg-config --libs openblas 2>/dev/null || echo -lopenblas) -llapacke
+BLAS_LIBS := $(shell pkg-config --libs openblas 2>/dev/null || echo -lopenblas) -llapacke -lcrypto
 SAN     := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 ENGINE_SRC   := $(sort $(filter-out engine/cuda/%,$(wildcard engine/*.c engine/*/*.c)))

@@ -11,35 +11,6 @@
 #include <time.h>
 #include <unistd.h>
 
-int xp_arg_long(const char *cmd, const char *opt, const char *s, long min, long max, long *out)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < min || v > max) {
-        fprintf(stderr, "xprec %s: %s needs an integer in [%ld, %ld], got \"%s\"\n", cmd, opt, min,
-                max, s);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
-int xp_arg_double(const char *cmd, const char *opt, const char *s, double min, double max,
-                  double *out)
-{
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v >= min && v <= max)) {
-        fprintf(stderr, "xprec %s: %s needs a number in [%g, %g], got \"%s\"\n", cmd, opt, min,
-                max, s);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
 double xp_now(void)
 {
     struct timespec ts;
@@ -164,5 +135,36 @@ int xp_write_text(const char *dir, const char *name, const char *text)
 int xp_cpu_count(void)
 {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n < 1 ? 1 : n > 256 ? 256 : (int)n;
+    return n < 1 ? 1 : n > XP_MAX_THREADS ? XP_MAX_THREADS : (int)n;
+}
+
+/* Is there an executable gnuplot on PATH? */
+static int xp_have_gnuplot(void)
+{
+    const char *path = getenv("PATH");
+    if (!path) return 0;
+    char *copy = strdup(path), *save = NULL;
+    int found = 0;
+    for (char *d = copy ? strtok_r(copy, ":", &save) : NULL; d && !found;
+         d = strtok_r(NULL, ":", &save)) {
+        char exe[4096];
+        snprintf(exe, sizeof exe, "%s/gnuplot", *d ? d : ".");
+        found = access(exe, X_OK) == 0;
+    }
+    free(copy);
+    return found;
+}
+
+int xp_plot_check(const char *cmd, const char *png)
+{
+    if (strchr(png, '\'') || strchr(png, '"') || strchr(png, '\n')) {
+        fprintf(stderr, "xprec %s: --plot: the file name may not contain quotes or newlines\n", cmd);
+        return 2;
+    }
+    if (!xp_have_gnuplot()) {
+        fprintf(stderr, "xprec %s: --plot needs gnuplot on PATH (Debian: apt-get install "
+                        "gnuplot-nox); nothing was computed\n", cmd);
+        return 1;
+    }
+    return 0;
 }

@@ -13,7 +13,6 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
-#include <getopt.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,35 +30,6 @@ typedef struct {
     int64_t rows;
     xp_lora_geometry g;
 } xp_mod_geo;
-
-static void xp_analyze_usage(FILE *fp)
-{
-    fprintf(fp,
-            "usage: xprec analyze --base DIR --quantized DIR --adapter DIR [--json FILE]\n"
-            "                     [--plot FILE.png]\n\n"
-            "For every module of the adapter, with N = dequant(W_fp8) - W_bf16 (--quantized\n"
-            "against --base) and L = scale B A: cosine <L,N>/(||L|| ||N||), ||N||/||L||, and\n"
-            "the leakage ||U_r U_r^T N||^2/||N||^2 of the noise into L's column space next to\n"
-            "its random baseline r/d_out. Prints a per-layer table and a summary; --json\n"
-            "writes every number, --plot draws them per layer with gnuplot.\n");
-}
-
-/* Is there an executable gnuplot on PATH? */
-static int xp_have_gnuplot(void)
-{
-    const char *path = getenv("PATH");
-    if (!path) return 0;
-    char *copy = strdup(path), *save = NULL;
-    int found = 0;
-    for (char *d = copy ? strtok_r(copy, ":", &save) : NULL; d && !found;
-         d = strtok_r(NULL, ":", &save)) {
-        char exe[4096];
-        snprintf(exe, sizeof exe, "%s/gnuplot", *d ? d : ".");
-        found = access(exe, X_OK) == 0;
-    }
-    free(copy);
-    return found;
-}
 
 static int xp_is_num(double x)
 {
@@ -400,41 +370,27 @@ done:
 
 int xp_cmd_analyze(int argc, char **argv)
 {
-    static const struct option opts[] = {{"base", required_argument, 0, 'b'},
-                                         {"quantized", required_argument, 0, 'q'},
-                                         {"adapter", required_argument, 0, 'a'},
-                                         {"json", required_argument, 0, 'j'},
-                                         {"plot", required_argument, 0, 'p'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
     xp_analyze_args a = {0};
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'b': a.base = optarg; break;
-        case 'q': a.quantized = optarg; break;
-        case 'a': a.adapter = optarg; break;
-        case 'j': a.json = optarg; break;
-        case 'p': a.plot = optarg; break;
-        case 'h': xp_analyze_usage(stdout); return 0;
-        default: xp_analyze_usage(stderr); return 2;
-        }
-    }
-    if (optind < argc || !a.base || !a.quantized || !a.adapter) {
-        xp_analyze_usage(stderr);
-        return 2;
-    }
+    xp_opt opts[] = {
+        XP_STR_REQ("base", &a.base, "DIR", "the BF16 base"),
+        XP_STR_REQ("quantized", &a.quantized, "DIR", "the FP8 quantization of --base"),
+        XP_STR_REQ("adapter", &a.adapter, "DIR", "a PEFT LoRA adapter for that base"),
+        XP_STR("json", &a.json, "FILE", "write every number as JSON"),
+        XP_STR("plot", &a.plot, "FILE.png", "draw the numbers per layer (needs gnuplot)"),
+        XP_OPT_END};
+    const xp_cmd cmd = {
+        .name = "analyze",
+        .usage = "usage: xprec analyze --base DIR --quantized DIR --adapter DIR [--json FILE]\n"
+                 "                     [--plot FILE.png]\n",
+        .about = "For every module of the adapter, with N = dequant(W_fp8) - W_bf16 (--quantized\n"
+                 "against --base) and L = scale B A: cosine <L,N>/(||L|| ||N||), ||N||/||L||, and\n"
+                 "the leakage ||U_r U_r^T N||^2/||N||^2 of the noise into L's column space next to\n"
+                 "its random baseline r/d_out. Prints a per-layer table and a summary.\n",
+        .opts = opts};
+    int rc = xp_cmd_parse(&cmd, argc, argv);
+    if (rc >= 0) return rc;
     /* fail before the work, not after it */
-    if (a.plot && (strchr(a.plot, '\'') || strchr(a.plot, '\n'))) {
-        fprintf(stderr, "xprec analyze: --plot: the file name may not contain quotes or newlines\n");
-        return 2;
-    }
-    if (a.plot && !xp_have_gnuplot()) {
-        fprintf(stderr, "xprec analyze: --plot needs gnuplot on PATH (Debian: apt-get install "
-                        "gnuplot-nox); nothing was computed\n");
-        return 1;
-    }
+    if (a.plot && (rc = xp_plot_check("analyze", a.plot)) != 0) return rc;
     if (xp_analyze(&a) < 0) {
         fprintf(stderr, "xprec analyze: %s\n", xp_last_error());
         return 1;

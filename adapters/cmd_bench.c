@@ -10,7 +10,6 @@
 #include "xprec.h"
 
 #include <ftw.h>
-#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -140,58 +139,32 @@ out:
     return rc;
 }
 
-static void xp_bench_usage(FILE *fp)
-{
-    fprintf(fp, "usage: xprec bench --model DIR [--batch 1,8,32] [--adapters K --rank R]\n"
-                "                   [--prompt-len P] [--gen-len G] [--threads N]\n"
-                "                   [--backend cpu|cuda|auto]\n\n"
-                "Prefill and decode tokens/s, per-step time and decode's weight traffic as a\n"
-                "share of the memory read bandwidth measured in the same run; with --adapters,\n"
-                "every batch also runs with K distinct random rank-R adapters.\n");
-}
-
 int xp_cmd_bench(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},   {"batch", required_argument, 0, 'b'},
-        {"adapters", required_argument, 0, 'a'}, {"rank", required_argument, 0, 'r'},
-        {"prompt-len", required_argument, 0, 'p'}, {"gen-len", required_argument, 0, 'g'},
-        {"threads", required_argument, 0, 'j'}, {"help", no_argument, 0, 'h'},
-        {"backend", required_argument, 0, 'B'},
-        {0, 0, 0, 0}};
     const char *model = NULL, *backend = NULL;
-    char batches[256] = "1,8,32";
+    xp_opt_ints batches = {.v = {1, 8, 32}, .n = 3};
     long k = 0, rank = 16, plen = 64, glen = 32, threads = 0;
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'm': model = optarg; break;
-        case 'b': snprintf(batches, sizeof batches, "%s", optarg); break;
-        case 'a':
-            if (xp_arg_long("bench", "--adapters", optarg, 0, 64, &k) < 0) return 2;
-            break;
-        case 'r':
-            if (xp_arg_long("bench", "--rank", optarg, 1, 256, &rank) < 0) return 2;
-            break;
-        case 'p':
-            if (xp_arg_long("bench", "--prompt-len", optarg, 1, 32768, &plen) < 0) return 2;
-            break;
-        case 'g':
-            if (xp_arg_long("bench", "--gen-len", optarg, 2, 32768, &glen) < 0) return 2;
-            break;
-        case 'j':
-            if (xp_arg_long("bench", "--threads", optarg, 1, 256, &threads) < 0) return 2;
-            break;
-        case 'B': backend = optarg; break;
-        case 'h': xp_bench_usage(stdout); return 0;
-        default: xp_bench_usage(stderr); return 2;
-        }
-    }
-    if (optind < argc || !model) {
-        xp_bench_usage(stderr);
-        return 2;
-    }
+    xp_opt opts[] = {
+        XP_OPT_MODEL(&model),
+        XP_INTS("batch", &batches, 1, 1024, 16, "B,B,...", "batch sizes to run (default 1,8,32)"),
+        XP_INT("adapters", &k, 0, 64, "K", "also run each batch with K distinct adapters"),
+        XP_INT("rank", &rank, 1, 256, "R", "rank of those adapters (default 16)"),
+        XP_INT("prompt-len", &plen, 1, 32768, "P", "prompt tokens per sequence (default 64)"),
+        XP_INT("gen-len", &glen, 2, 32768, "G", "generated tokens per sequence (default 32)"),
+        XP_OPT_THREADS(&threads),
+        XP_OPT_BACKEND(&backend),
+        XP_OPT_END};
+    const xp_cmd cmd = {
+        .name = "bench",
+        .usage = "usage: xprec bench --model DIR [--batch 1,8,32] [--adapters K --rank R]\n"
+                 "                   [--prompt-len P] [--gen-len G] [--threads N]\n"
+                 "                   [--backend cpu|cuda|auto]\n",
+        .about = "Prefill and decode tokens/s, per-step time and decode's weight traffic as a\n"
+                 "share of the memory read bandwidth measured in the same run; with --adapters,\n"
+                 "every batch also runs with K distinct random rank-R adapters.\n",
+        .opts = opts};
+    int st = xp_cmd_parse(&cmd, argc, argv);
+    if (st >= 0) return st;
     int nt = threads ? (int)threads : xp_cpu_count();
     char adir[] = "/tmp/xprec-bench-XXXXXX";
     if (k > 0 && (!mkdtemp(adir) || xp_bench_adapters(model, adir, (int)k, (int)rank) < 0)) {
@@ -219,13 +192,8 @@ int xp_cmd_bench(int argc, char **argv)
     printf("%-6s %-16s %14s %14s %12s %16s %10s %9s\n", "batch", "adapters", "prefill tok/s",
            "decode tok/s", "step ms", "weights GB/s", "of peak", "RSS MB");
     int rc = 0;
-    for (char *tok = strtok(batches, ","); tok && rc == 0; tok = strtok(NULL, ",")) {
-        int b = atoi(tok);
-        if (b < 1 || b > 1024) {
-            fprintf(stderr, "xprec bench: bad batch size \"%s\"\n", tok);
-            rc = 2;
-            break;
-        }
+    for (int bi = 0; bi < batches.n && rc == 0; bi++) {
+        int b = (int)batches.v[bi];
         for (int with = 0; with <= (k > 0) && rc == 0; with++) {
             xp_bench_result r;
             if (xp_bench_run(model, adir, b, with ? (int)k : 0, (int)plen, (int)glen, nt, backend,

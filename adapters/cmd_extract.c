@@ -13,7 +13,6 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
-#include <getopt.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -93,26 +92,6 @@ typedef struct {
     const char *kind;
     double rel; /* ||T - T_base|| / ||T_base||; NAN when the base lacks it */
 } xp_dropped;
-
-static void xp_extract_usage(FILE *fp)
-{
-    fprintf(fp,
-            "usage: xprec extract --base DIR --tuned DIR --out DIR (--rank R | --energy F)\n"
-            "                     [--max-rank R] [--targets LIST] [--report FILE.json]\n"
-            "                     [--svd auto|exact|randomized] [--oversample P]\n"
-            "                     [--power-iters Q] [--seed N]\n\n"
-            "A BF16 PEFT LoRA adapter from dW = W_tuned - W_base for every targeted linear\n"
-            "module: truncated SVD dW ~ U S V^T, B = U sqrt(S), A = sqrt(S) V^T, lora_alpha = r.\n"
-            "A BF16 base gives Method A; an FP8 base gives Method B (dW against the dequantized\n"
-            "weights). --energy F picks per module the smallest rank whose singular values\n"
-            "capture the share F of ||dW||^2 (at most --max-rank). --targets is a comma list of\n"
-            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (or q,k,...; attn; mlp;\n"
-            "all, the default). --svd auto takes the randomized SVD (oversampling P = 10, Q = 2\n"
-            "power iterations, Gaussian test matrix from --seed) when R + P <= min(out, in)/4.\n"
-            "The report (JSON) gives per module the rank and relative residual\n"
-            "||dW - BA|| / ||dW||, and every changed tensor the adapter cannot carry (norms,\n"
-            "embeddings, lm_head, biases, untargeted modules) with its relative change.\n");
-}
 
 /* "q_proj,mlp,..." into a module bit mask; -1 on an unknown name. */
 static int xp_parse_targets(const char *list, unsigned *mask)
@@ -527,81 +506,69 @@ done:
 
 int xp_cmd_extract(int argc, char **argv)
 {
-    enum { O_MAXR = 256, O_SVD, O_OVER, O_POWER, O_SEED };
-    static const struct option opts[] = {
-        {"base", required_argument, 0, 'b'},       {"tuned", required_argument, 0, 't'},
-        {"out", required_argument, 0, 'o'},        {"rank", required_argument, 0, 'r'},
-        {"energy", required_argument, 0, 'e'},     {"max-rank", required_argument, 0, O_MAXR},
-        {"targets", required_argument, 0, 'T'},    {"report", required_argument, 0, 'R'},
-        {"svd", required_argument, 0, O_SVD},      {"oversample", required_argument, 0, O_OVER},
-        {"power-iters", required_argument, 0, O_POWER},
-        {"seed", required_argument, 0, O_SEED},    {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
     xp_extract_args a = {.targets = (1u << XP_MOD_COUNT) - 1};
     xp_svd_defaults(&a.ex.svd);
-    long v;
-    int c, have_energy = 0;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'b': a.base = optarg; break;
-        case 't': a.tuned = optarg; break;
-        case 'o': a.out = optarg; break;
-        case 'R': a.report = optarg; break;
-        case 'r':
-            if (xp_arg_long("extract", "--rank", optarg, 1, 65536, &v) < 0) return 2;
-            a.ex.rank = (int)v;
-            break;
-        case 'e':
-            if (xp_arg_double("extract", "--energy", optarg, 1e-9, 1, &a.ex.energy) < 0) return 2;
-            have_energy = 1;
-            break;
-        case O_MAXR:
-            if (xp_arg_long("extract", "--max-rank", optarg, 1, 65536, &v) < 0) return 2;
-            a.ex.max_rank = (int)v;
-            break;
-        case 'T':
-            if (xp_parse_targets(optarg, &a.targets) < 0) {
-                fprintf(stderr, "xprec extract: --targets \"%s\": use q_proj, k_proj, v_proj, "
-                                "o_proj, gate_proj, up_proj, down_proj, attn, mlp or all\n",
-                        optarg);
-                return 2;
-            }
-            break;
-        case O_SVD:
-            if (xp_svd_method_parse(optarg, &a.ex.svd.method) < 0) {
-                fprintf(stderr, "xprec extract: --svd is auto, exact or randomized\n");
-                return 2;
-            }
-            break;
-        case O_OVER:
-            if (xp_arg_long("extract", "--oversample", optarg, 0, 4096, &v) < 0) return 2;
-            a.ex.svd.oversample = (int)v;
-            break;
-        case O_POWER:
-            if (xp_arg_long("extract", "--power-iters", optarg, 0, 64, &v) < 0) return 2;
-            a.ex.svd.power_iters = (int)v;
-            break;
-        case O_SEED:
-            if (xp_arg_long("extract", "--seed", optarg, 0, 0x7fffffffL, &v) < 0) return 2;
-            a.ex.svd.seed = (uint64_t)v;
-            break;
-        case 'h': xp_extract_usage(stdout); return 0;
-        default: xp_extract_usage(stderr); return 2;
-        }
-    }
-    if (optind < argc || !a.base || !a.tuned || !a.out) {
-        xp_extract_usage(stderr);
+    const char *targets = NULL;
+    long rank = 0, max_rank = 0, oversample = a.ex.svd.oversample, power = a.ex.svd.power_iters;
+    long seed = (long)a.ex.svd.seed;
+    double energy = 0;
+    const char *svd = NULL;
+    xp_opt opts[] = {
+        XP_STR_REQ("base", &a.base, "DIR", "the base: BF16 gives Method A, FP8 Method B"),
+        XP_STR_REQ("tuned", &a.tuned, "DIR", "the BF16 fine-tune"),
+        XP_STR_REQ("out", &a.out, "DIR", "the adapter directory to write"),
+        XP_INT("rank", &rank, 1, 65536, "R", "the rank of every module"),
+        XP_NUM("energy", &energy, 1e-9, 1, "F",
+               "per module the smallest rank whose singular values capture the\n"
+               "share F of ||dW||^2"),
+        XP_INT("max-rank", &max_rank, 1, 65536, "R", "with --energy: never more than R"),
+        XP_STR("targets", &targets, "LIST",
+               "comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,\n"
+               "down_proj (or q,k,...; attn; mlp; all, the default)"),
+        XP_STR("report", &a.report, "FILE.json", "per module rank and residual, and every\n"
+                                                 "changed tensor the adapter cannot carry"),
+        XP_STR("svd", &svd, "auto|exact|randomized",
+                  "auto (the default) takes the randomized SVD when R + P <=\n"
+                  "min(out, in)/4"),
+        XP_INT("oversample", &oversample, 0, 4096, "P", "randomized SVD oversampling (default 10)"),
+        XP_INT("power-iters", &power, 0, 64, "Q", "randomized SVD power iterations (default 2)"),
+        XP_OPT_SEED(&seed, "seeds the randomized SVD's test matrix (default 0)"),
+        XP_OPT_END};
+    const xp_cmd cmd = {
+        .name = "extract",
+        .usage = "usage: xprec extract --base DIR --tuned DIR --out DIR (--rank R | --energy F)\n"
+                 "                     [--max-rank R] [--targets LIST] [--report FILE.json]\n"
+                 "                     [--svd auto|exact|randomized] [--oversample P]\n"
+                 "                     [--power-iters Q] [--seed N]\n",
+        .about = "A BF16 PEFT LoRA adapter from dW = W_tuned - W_base for every targeted linear\n"
+                 "module: truncated SVD dW ~ U S V^T, B = U sqrt(S), A = sqrt(S) V^T, lora_alpha = r.\n"
+                 "A BF16 base gives Method A; an FP8 base gives Method B (dW against the dequantized\n"
+                 "weights). The report (JSON) gives per module the rank and relative residual\n"
+                 "||dW - BA|| / ||dW||, and every changed tensor the adapter cannot carry (norms,\n"
+                 "embeddings, lm_head, biases, untargeted modules) with its relative change.\n",
+        .opts = opts};
+    int rc = xp_cmd_parse(&cmd, argc, argv);
+    if (rc >= 0) return rc;
+    if (targets && xp_parse_targets(targets, &a.targets) < 0) {
+        fprintf(stderr, "xprec extract: --targets \"%s\": use q_proj, k_proj, v_proj, o_proj, "
+                        "gate_proj, up_proj, down_proj, attn, mlp or all\n",
+                targets);
         return 2;
     }
-    if ((a.ex.rank > 0) == have_energy) {
-        fprintf(stderr, "xprec extract: give exactly one of --rank and --energy\n");
+    if (svd && xp_svd_method_parse(svd, &a.ex.svd.method) < 0) {
+        fprintf(stderr, "xprec extract: --svd is auto, exact or randomized, got \"%s\"\n", svd);
         return 2;
     }
-    if (a.ex.max_rank && !have_energy) {
-        fprintf(stderr, "xprec extract: --max-rank goes with --energy\n");
-        return 2;
-    }
+    if ((rank > 0) == (energy > 0))
+        return xp_cmd_usage_error(&cmd, "give exactly one of --rank and --energy");
+    if (max_rank && energy == 0)
+        return xp_cmd_usage_error(&cmd, "--max-rank goes with --energy");
+    a.ex.rank = (int)rank;
+    a.ex.energy = energy;
+    a.ex.max_rank = (int)max_rank;
+    a.ex.svd.oversample = (int)oversample;
+    a.ex.svd.power_iters = (int)power;
+    a.ex.svd.seed = (uint64_t)seed;
     if (xp_extract(&a) < 0) {
         fprintf(stderr, "xprec extract: %s\n", xp_last_error());
         return 1;

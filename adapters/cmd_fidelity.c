@@ -19,7 +19,6 @@
 #include "util/xp_error.h"
 
 #include <cjson/cJSON.h>
-#include <getopt.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -268,24 +267,6 @@ static int xp_read_prompts(const char *path, char ***out, int *n)
     return 0;
 }
 
-static void xp_fid_usage(FILE *fp)
-{
-    fprintf(fp,
-            "usage: xprec fidelity --base DIR --quantized DIR --tuned DIR [--prompts FILE]\n"
-            "                      [--ranks 16,64,256] [--tokens N] [--out report.json]\n"
-            "                      [--plot FILE.png] [--cache DIR] [--svd auto|exact|randomized]\n"
-            "                      [--threads N] [--backend cpu|cuda|auto]\n\n"
-            "Compares each way of serving the BF16 fine-tune --tuned on the FP8 base against\n"
-            "the fine-tune itself: Method A (adapter from tuned - base, on FP8), B (adapter\n"
-            "from tuned - dequant(FP8), on FP8), C (tuned quantized to FP8), and controls.\n"
-            "Per method: mean and p95 KL of the next-token distribution from gold's\n"
-            "(teacher-forced on gold's greedy continuation of N tokens, default 16), top-1\n"
-            "agreement, the share of prompts whose greedy continuation equals gold's, and\n"
-            "resident weight bytes. --prompts: one prompt per line (a default set ships).\n"
-            "Adapters and the quantized fine-tune are cached in --cache (default\n"
-            "./fidelity-cache) and reused by later runs.\n");
-}
-
 static int xp_fid_plot(const char *png, const xp_fid_row *rows, int nrows)
 {
     char data[] = "/tmp/xprec-fid-XXXXXX";
@@ -313,56 +294,48 @@ static int xp_fid_plot(const char *png, const xp_fid_row *rows, int nrows)
 
 int xp_cmd_fidelity(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"base", required_argument, 0, 'b'},   {"quantized", required_argument, 0, 'q'},
-        {"tuned", required_argument, 0, 't'},  {"prompts", required_argument, 0, 'p'},
-        {"ranks", required_argument, 0, 'r'},  {"tokens", required_argument, 0, 'n'},
-        {"out", required_argument, 0, 'o'},    {"plot", required_argument, 0, 'P'},
-        {"cache", required_argument, 0, 'c'},  {"svd", required_argument, 0, 's'},
-        {"threads", required_argument, 0, 'j'}, {"help", no_argument, 0, 'h'},
-        {"backend", required_argument, 0, 'B'},
-        {0, 0, 0, 0}};
-    xp_fid_args a = {.cache = "fidelity-cache", .svd = "auto", .tokens = 16};
-    const char *prompts = NULL, *out = NULL, *plot = NULL;
-    char ranks[256] = "16,64,256";
-    long v;
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'b': a.base = optarg; break;
-        case 'q': a.quant = optarg; break;
-        case 't': a.tuned = optarg; break;
-        case 'p': prompts = optarg; break;
-        case 'r': snprintf(ranks, sizeof ranks, "%s", optarg); break;
-        case 'n':
-            if (xp_arg_long("fidelity", "--tokens", optarg, 1, 4096, &v) < 0) return 2;
-            a.tokens = (int)v;
-            break;
-        case 'o': out = optarg; break;
-        case 'P': plot = optarg; break;
-        case 'c': a.cache = optarg; break;
-        case 's': a.svd = optarg; break;
-        case 'j':
-            if (xp_arg_long("fidelity", "--threads", optarg, 1, 1024, &v) < 0) return 2;
-            a.threads = (int)v;
-            break;
-        case 'B': a.backend = optarg; break;
-        case 'h': xp_fid_usage(stdout); return 0;
-        default: xp_fid_usage(stderr); return 2;
-        }
-    }
-    if (optind < argc || !a.base || !a.quant || !a.tuned) {
-        xp_fid_usage(stderr);
-        return 2;
-    }
-    for (char *t = strtok(ranks, ","); t; t = strtok(NULL, ",")) {
-        if (a.nranks == XP_FID_MAX_RANKS ||
-            xp_arg_long("fidelity", "--ranks", t, 1, 256, &v) < 0)
-            return 2;
-        a.ranks[a.nranks++] = (int)v;
-    }
-    if (!a.threads) a.threads = xp_cpu_count();
+    xp_fid_args a = {.cache = "fidelity-cache", .tokens = 16};
+    const char *prompts = NULL, *out = NULL, *plot = NULL, *svd = "auto";
+    xp_opt_ints ranks = {.v = {16, 64, 256}, .n = 3};
+    long tokens = a.tokens, threads = 0;
+    xp_opt opts[] = {
+        XP_STR_REQ("base", &a.base, "DIR", "the BF16 base"),
+        XP_STR_REQ("quantized", &a.quant, "DIR", "its FP8 quantization"),
+        XP_STR_REQ("tuned", &a.tuned, "DIR", "the BF16 fine-tune of --base (the gold reference)"),
+        XP_STR("prompts", &prompts, "FILE", "one prompt per line, # starts a comment (default:\n"
+                                            "a set that ships with xprec)"),
+        XP_INTS("ranks", &ranks, 1, 256, XP_FID_MAX_RANKS, "R,R,...",
+                "adapter ranks for Methods A and B (default 16,64,256)"),
+        XP_INT("tokens", &tokens, 1, 4096, "N", "gold's greedy continuation length (default 16)"),
+        XP_STR("out", &out, "report.json", "write every figure as JSON"),
+        XP_STR("plot", &plot, "FILE.png", "draw mean KL per method (needs gnuplot)"),
+        XP_STR("cache", &a.cache, "DIR", "where the adapters and the quantized fine-tune are\n"
+                                         "kept for later runs (default ./fidelity-cache)"),
+        XP_STR("svd", &svd, "auto|exact|randomized", "passed to extract (default auto)"),
+        XP_OPT_THREADS(&threads),
+        XP_OPT_BACKEND(&a.backend),
+        XP_OPT_END};
+    const xp_cmd cmd = {
+        .name = "fidelity",
+        .usage = "usage: xprec fidelity --base DIR --quantized DIR --tuned DIR [--prompts FILE]\n"
+                 "                      [--ranks 16,64,256] [--tokens N] [--out report.json]\n"
+                 "                      [--plot FILE.png] [--cache DIR] [--svd auto|exact|randomized]\n"
+                 "                      [--threads N] [--backend cpu|cuda|auto]\n",
+        .about = "Compares each way of serving the BF16 fine-tune --tuned on the FP8 base against\n"
+                 "the fine-tune itself: Method A (adapter from tuned - base, on FP8), B (adapter\n"
+                 "from tuned - dequant(FP8), on FP8), C (tuned quantized to FP8), and controls.\n"
+                 "Per method: mean and p95 KL of the next-token distribution from gold's\n"
+                 "(teacher-forced on gold's greedy continuation of N tokens), top-1 agreement,\n"
+                 "the share of prompts whose greedy continuation equals gold's, and resident\n"
+                 "weight bytes.\n",
+        .opts = opts};
+    int st = xp_cmd_parse(&cmd, argc, argv);
+    if (st >= 0) return st;
+    a.svd = svd;
+    a.tokens = (int)tokens;
+    a.threads = threads ? (int)threads : xp_cpu_count();
+    a.nranks = ranks.n;
+    for (int i = 0; i < ranks.n; i++) a.ranks[i] = (int)ranks.v[i];
     char (*adir)[2][4096] = calloc((size_t)a.nranks, sizeof *adir), tuned_fp8[4096];
     char **texts = NULL;
     int ntexts = 0, rc = 1, nrows = 0;

@@ -11,7 +11,6 @@
 #include "util/xp_error.h"
 
 #include <cjson/cJSON.h>
-#include <getopt.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -214,41 +213,31 @@ static int xp_detect(const char *path, int is_dir, const xp_st_set *s, xp_format
     return 0;
 }
 
-static void xp_inspect_usage(FILE *fp)
-{
-    fprintf(fp, "usage: xprec inspect PATH [--json] [--no-stats]\n\n"
-                "PATH is a checkpoint or adapter directory, or one .safetensors file. Prints the\n"
-                "tensor table, the detected format and block size, and per-tensor statistics\n"
-                "(after dequantization for FP8 weights), with warnings for implausible values.\n");
-}
-
 int xp_cmd_inspect(int argc, char **argv)
 {
-    static const struct option opts[] = {{"json", no_argument, 0, 'j'},
-                                         {"no-stats", no_argument, 0, 'n'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
-    int json = 0, stats = 1, c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'j': json = 1; break;
-        case 'n': stats = 0; break;
-        case 'h': xp_inspect_usage(stdout); return 0;
-        default: xp_inspect_usage(stderr); return 2;
-        }
-    }
-    if (optind != argc - 1) {
-        xp_inspect_usage(stderr);
-        return 2;
-    }
-    const char *path = argv[optind];
+    int json = 0, no_stats = 0, npos = 0;
+    const char *pos[1];
+    xp_opt opts[] = {XP_FLAG("json", &json, "print everything as one JSON object"),
+                     XP_FLAG("no-stats", &no_stats, "skip the per-tensor statistics"),
+                     XP_OPT_END};
+    const xp_cmd cmd = {
+        .name = "inspect",
+        .usage = "usage: xprec inspect PATH [--json] [--no-stats]\n",
+        .about = "PATH is a checkpoint or adapter directory, or one .safetensors file. Prints the\n"
+                 "tensor table, the detected format and block size, and per-tensor statistics\n"
+                 "(after dequantization for FP8 weights), with warnings for implausible values.\n",
+        .opts = opts, .pos = pos, .max_pos = 1, .npos = &npos};
+    int rc = xp_cmd_parse(&cmd, argc, argv);
+    if (rc >= 0) return rc;
+    if (npos != 1) return xp_cmd_usage_error(&cmd, "give the PATH to inspect");
+    int stats = !no_stats;
+    const char *path = pos[0];
     struct stat st;
     if (stat(path, &st) < 0) {
         fprintf(stderr, "xprec inspect: %s: no such file or directory\n", path);
         return 1;
     }
-    int is_dir = S_ISDIR(st.st_mode), rc;
+    int is_dir = S_ISDIR(st.st_mode);
     xp_st_set *s = NULL;
     if (!is_dir) {
         rc = xp_st_set_open_file(path, &s);

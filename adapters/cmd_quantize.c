@@ -7,7 +7,6 @@
 #include "util/fsutil.h"
 #include "util/xp_error.h"
 
-#include <getopt.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -161,77 +160,54 @@ done:
     return rc;
 }
 
-static void xp_quantize_usage(FILE *fp)
-{
-    fprintf(fp, "usage: xprec quantize --in DIR --out DIR [--block N|RxC] [--format "
-                "qwen|compressed-tensors]\n"
-                "                      [--ignore MODULE,re:REGEX,...] [--max-shard-mb N]\n\n"
-                "BF16 -> FP8 E4M3 with one scale per block (default 128x128): s = amax/448,\n"
-                "q = sat(W/s). Norms, embeddings and lm_head stay as they are, as do the\n"
-                "linear modules --ignore names (e.g. model.layers.0.mlp.down_proj or\n"
-                "re:.*down_proj). --format qwen writes weight_scale_inv (F32) and\n"
-                "quant_method fp8; compressed-tensors writes weight_scale (BF16) and a block\n"
-                "config group.\n");
-}
-
 int xp_cmd_quantize(int argc, char **argv)
 {
-    static const struct option opts[] = {{"in", required_argument, 0, 'i'},
-                                         {"out", required_argument, 0, 'o'},
-                                         {"block", required_argument, 0, 'b'},
-                                         {"format", required_argument, 0, 'f'},
-                                         {"ignore", required_argument, 0, 'g'},
-                                         {"max-shard-mb", required_argument, 0, 's'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
-    const char *in = NULL, *out = NULL;
-    char *ignore = NULL;
-    xp_quant_config q = {.kind = XP_QUANT_FP8, .block = {128, 128}};
-    size_t max_shard = (size_t)4096 << 20;
-    long v;
-    int c, rc = 1;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'i': in = optarg; break;
-        case 'o': out = optarg; break;
-        case 'b':
-            if (xp_parse_block_arg(optarg, q.block) < 0) {
-                fprintf(stderr, "xprec quantize: --block needs N or RxC, got \"%s\"\n", optarg);
-                return 2;
-            }
-            break;
-        case 'f':
-            if (strcmp(optarg, "qwen") == 0)
-                q.kind = XP_QUANT_FP8;
-            else if (strcmp(optarg, "compressed-tensors") == 0)
-                q.kind = XP_QUANT_FP8_CT;
-            else {
-                fprintf(stderr, "xprec quantize: --format is qwen or compressed-tensors\n");
-                return 2;
-            }
-            break;
-        case 'g': ignore = optarg; break;
-        case 's':
-            if (xp_arg_long("quantize", "--max-shard-mb", optarg, 1, 1 << 20, &v) < 0) return 2;
-            max_shard = (size_t)v << 20;
-            break;
-        case 'h': xp_quantize_usage(stdout); return 0;
-        default: xp_quantize_usage(stderr); return 2;
-        }
-    }
-    if (optind < argc || !in || !out) {
-        xp_quantize_usage(stderr);
+    const char *in = NULL, *out = NULL, *block = NULL, *ignore = NULL;
+    int format = 0;
+    long shard_mb = XP_DEFAULT_SHARD_MB;
+    xp_opt opts[] = {
+        XP_STR_REQ("in", &in, "DIR", "the BF16 checkpoint"),
+        XP_STR_REQ("out", &out, "DIR", "the FP8 checkpoint to write"),
+        XP_STR("block", &block, "N|RxC", "block size (default 128x128)"),
+        XP_CHOICE("format", &format, "qwen|compressed-tensors",
+                  "qwen: weight_scale_inv (F32), quant_method fp8 (the default);\n"
+                  "compressed-tensors: weight_scale (BF16) and a block config group"),
+        XP_STR("ignore", &ignore, "MODULE,re:REGEX,...",
+               "linear modules kept as they are\n"
+               "(e.g. model.layers.0.mlp.down_proj or re:.*down_proj)"),
+        XP_OPT_MAX_SHARD(&shard_mb),
+        XP_OPT_END};
+    const xp_cmd cmd = {
+        .name = "quantize",
+        .usage = "usage: xprec quantize --in DIR --out DIR [--block N|RxC] [--format "
+                 "qwen|compressed-tensors]\n"
+                 "                      [--ignore MODULE,re:REGEX,...] [--max-shard-mb N]\n",
+        .about = "BF16 -> FP8 E4M3 with one scale per block (default 128x128): s = amax/448,\n"
+                 "q = sat(W/s). Norms, embeddings and lm_head stay as they are, as do the\n"
+                 "linear modules --ignore names.\n",
+        .opts = opts};
+    int rc = xp_cmd_parse(&cmd, argc, argv);
+    if (rc >= 0) return rc;
+    xp_quant_config q = {.kind = format ? XP_QUANT_FP8_CT : XP_QUANT_FP8, .block = {128, 128}};
+    size_t max_shard = (size_t)shard_mb << 20;
+    if (block && xp_parse_block_arg(block, q.block) < 0) {
+        fprintf(stderr, "xprec quantize: --block needs N or RxC, got \"%s\"\n", block);
         return 2;
     }
+    rc = 1;
     if (q.kind == XP_QUANT_FP8_CT) q.ignore[q.nignore++] = strdup("lm_head");
-    for (char *tok = ignore ? strtok(ignore, ",") : NULL; tok; tok = strtok(NULL, ",")) {
+    char *list = ignore ? strdup(ignore) : NULL, *save = NULL;
+    for (char *tok = list ? strtok_r(list, ",", &save) : NULL; tok;
+         tok = strtok_r(NULL, ",", &save)) {
         if (q.nignore == XP_MAX_IGNORE) {
             fprintf(stderr, "xprec quantize: at most %d --ignore entries\n", XP_MAX_IGNORE);
+            free(list);
+            rc = 2;
             goto out;
         }
         q.ignore[q.nignore++] = strdup(tok);
     }
+    free(list);
     if (xp_same_dir(in, out)) {
         fprintf(stderr, "xprec quantize: --out must differ from --in\n");
         rc = 2;
@@ -317,53 +293,27 @@ done:
     return rc;
 }
 
-static void xp_dequantize_usage(FILE *fp)
-{
-    fprintf(fp, "usage: xprec dequantize --in DIR --out DIR [--dtype bf16|f32] [--max-shard-mb N]\n\n"
-                "FP8 block checkpoint -> BF16 (the \"bridge model\"), or F32 to keep dequantized\n"
-                "values exact; scale tensors and quantization_config are dropped.\n");
-}
-
 int xp_cmd_dequantize(int argc, char **argv)
 {
-    static const struct option opts[] = {{"in", required_argument, 0, 'i'},
-                                         {"out", required_argument, 0, 'o'},
-                                         {"dtype", required_argument, 0, 'd'},
-                                         {"max-shard-mb", required_argument, 0, 's'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
     const char *in = NULL, *out = NULL;
-    xp_dtype odt = XP_BF16;
-    size_t max_shard = (size_t)4096 << 20;
-    long v;
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'i': in = optarg; break;
-        case 'o': out = optarg; break;
-        case 'd':
-            if (strcmp(optarg, "bf16") == 0)
-                odt = XP_BF16;
-            else if (strcmp(optarg, "f32") == 0)
-                odt = XP_F32;
-            else {
-                fprintf(stderr, "xprec dequantize: --dtype is bf16 or f32\n");
-                return 2;
-            }
-            break;
-        case 's':
-            if (xp_arg_long("dequantize", "--max-shard-mb", optarg, 1, 1 << 20, &v) < 0) return 2;
-            max_shard = (size_t)v << 20;
-            break;
-        case 'h': xp_dequantize_usage(stdout); return 0;
-        default: xp_dequantize_usage(stderr); return 2;
-        }
-    }
-    if (optind < argc || !in || !out) {
-        xp_dequantize_usage(stderr);
-        return 2;
-    }
+    int dtype = 0;
+    long shard_mb = XP_DEFAULT_SHARD_MB;
+    xp_opt opts[] = {
+        XP_STR_REQ("in", &in, "DIR", "the FP8 checkpoint"),
+        XP_STR_REQ("out", &out, "DIR", "the checkpoint to write"),
+        XP_CHOICE("dtype", &dtype, "bf16|f32", "dtype of the dequantized weights (default bf16)"),
+        XP_OPT_MAX_SHARD(&shard_mb),
+        XP_OPT_END};
+    const xp_cmd cmd = {
+        .name = "dequantize",
+        .usage = "usage: xprec dequantize --in DIR --out DIR [--dtype bf16|f32] [--max-shard-mb N]\n",
+        .about = "FP8 block checkpoint -> BF16 (the \"bridge model\"), or F32 to keep dequantized\n"
+                 "values exact; scale tensors and quantization_config are dropped.\n",
+        .opts = opts};
+    int rc = xp_cmd_parse(&cmd, argc, argv);
+    if (rc >= 0) return rc;
+    xp_dtype odt = dtype ? XP_F32 : XP_BF16;
+    size_t max_shard = (size_t)shard_mb << 20;
     if (xp_same_dir(in, out)) {
         fprintf(stderr, "xprec dequantize: --out must differ from --in\n");
         return 2;

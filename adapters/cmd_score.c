@@ -7,7 +7,6 @@
 #include "tokenizer/tokenizer.h"
 #include "util/xp_error.h"
 
-#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,45 +80,26 @@ done:
     return rc;
 }
 
-static void xp_score_usage(FILE *fp)
-{
-    fprintf(fp, "usage: xprec score --model DIR [--adapter DIR] (--text TEXT | --tokens 1,2,3)\n"
-                "                   --out FILE.npy [--threads N] [--backend cpu|cuda|auto]\n\n"
-                "Writes the logits of every position as a float32 .npy [positions, vocab].\n");
-}
-
 int xp_cmd_score(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},   {"adapter", required_argument, 0, 'a'},
-        {"text", required_argument, 0, 't'},    {"tokens", required_argument, 0, 'k'},
-        {"out", required_argument, 0, 'o'},     {"threads", required_argument, 0, 'j'},
-        {"help", no_argument, 0, 'h'},          {"backend", required_argument, 0, 'B'},
-        {0, 0, 0, 0}};
     const char *model = NULL, *adapter = NULL, *text = NULL, *tokens = NULL, *out = NULL;
     const char *backend = NULL;
     long threads = 0;
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'm': model = optarg; break;
-        case 'a': adapter = optarg; break;
-        case 't': text = optarg; break;
-        case 'k': tokens = optarg; break;
-        case 'o': out = optarg; break;
-        case 'j':
-            if (xp_arg_long("score", "--threads", optarg, 1, 1024, &threads) < 0) return 2;
-            break;
-        case 'B': backend = optarg; break;
-        case 'h': xp_score_usage(stdout); return 0;
-        default: xp_score_usage(stderr); return 2;
-        }
-    }
-    if (optind < argc || !model || !out || !text == !tokens) {
-        xp_score_usage(stderr);
-        return 2;
-    }
+    xp_opt opts[] = {XP_OPT_MODEL(&model),
+                     XP_STR("adapter", &adapter, "DIR", "a PEFT LoRA adapter to apply"),
+                     XP_STR("text", &text, "TEXT", "the sequence as text (needs the tokenizer)"),
+                     XP_STR("tokens", &tokens, "1,2,3", "the sequence as token ids"),
+                     XP_STR_REQ("out", &out, "FILE.npy", "where the logits go"),
+                     XP_OPT_THREADS(&threads), XP_OPT_BACKEND(&backend), XP_OPT_END};
+    const xp_cmd cmd = {
+        .name = "score",
+        .usage = "usage: xprec score --model DIR [--adapter DIR] (--text TEXT | --tokens 1,2,3)\n"
+                 "                   --out FILE.npy [--threads N] [--backend cpu|cuda|auto]\n",
+        .about = "Writes the logits of every position as a float32 .npy [positions, vocab].\n",
+        .opts = opts};
+    int st = xp_cmd_parse(&cmd, argc, argv);
+    if (st >= 0) return st;
+    if (!text == !tokens) return xp_cmd_usage_error(&cmd, "give one of --text and --tokens");
     int32_t *ids = NULL;
     size_t n = 0;
     int rc;

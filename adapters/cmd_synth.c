@@ -8,7 +8,6 @@
 #include "util/xp_error.h"
 
 #include <cblas.h>
-#include <getopt.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,37 +24,20 @@ typedef struct {
     size_t max_shard;
 } xp_synth_opts;
 
-static const struct {
-    const char *name;
-    xp_qwen3_config cfg;
-} xp_presets[] = {
-    /* tests: the real vocabulary, GQA, hidden and intermediate not multiples of 128 */
-    {"tiny", {320, 800, 2, 4, 2, 64, 151936, 40960, 1e-6, 1e6, 0}},
-    /* benchmarks: exactly Qwen3-0.6B's shape */
-    {"small", {1024, 3072, 28, 16, 8, 128, 151936, 40960, 1e-6, 1e6, 1}},
-    /* GPU benchmarks: Qwen3-32B's shape */
-    {"qwen3-32b", {5120, 25600, 64, 64, 8, 128, 151936, 40960, 1e-6, 1e6, 0}},
+/* in the order of --preset's choices */
+static const xp_qwen3_config xp_presets[] = {
+    /* tiny, for tests: the real vocabulary, GQA, hidden and intermediate not multiples of 128 */
+    {320, 800, 2, 4, 2, 64, 151936, 40960, 1e-6, 1e6, 0},
+    /* small, for benchmarks: exactly Qwen3-0.6B's shape */
+    {1024, 3072, 28, 16, 8, 128, 151936, 40960, 1e-6, 1e6, 1},
+    /* qwen3-32b, for GPU benchmarks: Qwen3-32B's shape */
+    {5120, 25600, 64, 64, 8, 128, 151936, 40960, 1e-6, 1e6, 0},
 };
 
 static const char xp_generation_config[] =
     "{\n  \"bos_token_id\": 151643,\n  \"do_sample\": true,\n  \"eos_token_id\": [151645, "
     "151643],\n  \"pad_token_id\": 151643,\n  \"temperature\": 0.6,\n  \"top_k\": 20,\n  "
     "\"top_p\": 0.95,\n  \"transformers_version\": \"4.51.0\"\n}";
-
-static void xp_synth_usage(FILE *fp)
-{
-    fprintf(fp,
-            "usage: xprec synth --preset tiny|small|qwen3-32b --out DIR [--seed N] [--tokenizer DIR]\n"
-            "                   [--hidden N] [--intermediate N] [--layers N] [--heads N]\n"
-            "                   [--kv-heads N] [--head-dim N] [--vocab N] [--tied|--untied]\n"
-            "       xprec synth --tuned-from BASE --delta-rank K --delta-scale S [--noise E]\n"
-            "                   [--norm-delta F] [--embed-delta F] --out DIR [--seed N]\n"
-            "  [--max-shard-mb N]  split model.safetensors into shards of at most N MB\n\n"
-            "A random BF16 Qwen3 checkpoint (weights ~N(0, 0.02), norms ~1), deterministic for a\n"
-            "seed; or a fine-tune of BASE: every linear weight W plus a planted rank-K update\n"
-            "with ||dW|| = S ||W|| and dense noise with ||N|| = E ||W||; norms scaled by\n"
-            "(1 + F x N(0,1)), embeddings and lm_head moved by a relative F.\n");
-}
 
 static void xp_to_bf16(const float *src, uint16_t *dst, size_t n)
 {
@@ -250,101 +232,70 @@ done:
 
 int xp_cmd_synth(int argc, char **argv)
 {
-    enum { O_HIDDEN = 256, O_INTER, O_LAYERS, O_HEADS, O_KV, O_HEADDIM, O_VOCAB, O_TIED, O_UNTIED,
-           O_TUNED, O_DRANK, O_DSCALE, O_NOISE, O_NORMD, O_EMBD, O_SHARD, O_TOK };
-    static const struct option opts[] = {
-        {"preset", required_argument, 0, 'p'},   {"out", required_argument, 0, 'o'},
-        {"seed", required_argument, 0, 's'},     {"tokenizer", required_argument, 0, O_TOK},
-        {"hidden", required_argument, 0, O_HIDDEN}, {"intermediate", required_argument, 0, O_INTER},
-        {"layers", required_argument, 0, O_LAYERS}, {"heads", required_argument, 0, O_HEADS},
-        {"kv-heads", required_argument, 0, O_KV}, {"head-dim", required_argument, 0, O_HEADDIM},
-        {"vocab", required_argument, 0, O_VOCAB}, {"tied", no_argument, 0, O_TIED},
-        {"untied", no_argument, 0, O_UNTIED},    {"tuned-from", required_argument, 0, O_TUNED},
-        {"delta-rank", required_argument, 0, O_DRANK},
-        {"delta-scale", required_argument, 0, O_DSCALE},
-        {"noise", required_argument, 0, O_NOISE}, {"norm-delta", required_argument, 0, O_NORMD},
-        {"embed-delta", required_argument, 0, O_EMBD},
-        {"max-shard-mb", required_argument, 0, O_SHARD}, {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
     xp_synth_opts o = {0};
-    const char *preset = NULL;
-    long v;
-    int have_preset = 0, c;
+    int preset = -1, tied = 0, untied = 0;
+    long seed = 0, shard_mb = XP_DEFAULT_SHARD_MB;
     long dims[7] = {-1, -1, -1, -1, -1, -1, -1};
-    int tie = -1;
-    o.max_shard = (size_t)4096 << 20;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'p': preset = optarg; break;
-        case 'o': o.out = optarg; break;
-        case 's':
-            if (xp_arg_long("synth", "--seed", optarg, 0, 0x7fffffffL, &v) < 0) return 2;
-            o.seed = (uint64_t)v;
-            break;
-        case O_TOK: o.tokenizer = optarg; break;
-        case O_HIDDEN: case O_INTER: case O_LAYERS: case O_HEADS: case O_KV: case O_HEADDIM:
-        case O_VOCAB:
-            if (xp_arg_long("synth", argv[optind - 2], optarg, 1, 1 << 20, &dims[c - O_HIDDEN]) < 0)
-                return 2;
-            break;
-        case O_TIED: tie = 1; break;
-        case O_UNTIED: tie = 0; break;
-        case O_TUNED: o.tuned_from = optarg; break;
-        case O_DRANK:
-            if (xp_arg_long("synth", "--delta-rank", optarg, 0, 1 << 16, &o.delta_rank) < 0) return 2;
-            break;
-        case O_DSCALE:
-            if (xp_arg_double("synth", "--delta-scale", optarg, 0, 100, &o.delta_scale) < 0) return 2;
-            break;
-        case O_NOISE:
-            if (xp_arg_double("synth", "--noise", optarg, 0, 100, &o.noise) < 0) return 2;
-            break;
-        case O_NORMD:
-            if (xp_arg_double("synth", "--norm-delta", optarg, 0, 10, &o.norm_delta) < 0) return 2;
-            break;
-        case O_EMBD:
-            if (xp_arg_double("synth", "--embed-delta", optarg, 0, 10, &o.embed_delta) < 0) return 2;
-            break;
-        case O_SHARD:
-            if (xp_arg_long("synth", "--max-shard-mb", optarg, 1, 1 << 20, &v) < 0) return 2;
-            o.max_shard = (size_t)v << 20;
-            break;
-        case 'h': xp_synth_usage(stdout); return 0;
-        default: xp_synth_usage(stderr); return 2;
-        }
-    }
-    if (optind < argc || !o.out || (!preset == !o.tuned_from)) {
-        fprintf(stderr, "xprec synth: give --out and exactly one of --preset or --tuned-from\n");
-        xp_synth_usage(stderr);
-        return 2;
-    }
+    xp_opt opts[] = {
+        XP_CHOICE("preset", &preset, "tiny|small|qwen3-32b",
+                  "tiny (tests), small (Qwen3-0.6B's shape), qwen3-32b (its shape)"),
+        XP_STR_REQ("out", &o.out, "DIR", "the checkpoint directory to write"),
+        XP_OPT_SEED(&seed, "the weights are a function of the seed (default 0)"),
+        XP_STR("tokenizer", &o.tokenizer, "DIR",
+               "copy tokenizer.json and tokenizer_config.json from DIR"),
+        XP_INT("hidden", &dims[0], 1, 1 << 20, "N", "override the preset's hidden_size"),
+        XP_INT("intermediate", &dims[1], 1, 1 << 20, "N", "... intermediate_size"),
+        XP_INT("layers", &dims[2], 1, 1 << 20, "N", "... num_hidden_layers"),
+        XP_INT("heads", &dims[3], 1, 1 << 20, "N", "... num_attention_heads"),
+        XP_INT("kv-heads", &dims[4], 1, 1 << 20, "N", "... num_key_value_heads"),
+        XP_INT("head-dim", &dims[5], 1, 1 << 20, "N", "... head_dim"),
+        XP_INT("vocab", &dims[6], 1, 1 << 20, "N", "... vocab_size"),
+        XP_FLAG("tied", &tied, "lm_head shares the embeddings"),
+        XP_FLAG("untied", &untied, "lm_head is a tensor of its own"),
+        XP_STR("tuned-from", &o.tuned_from, "BASE", "write a planted fine-tune of BASE instead"),
+        XP_INT("delta-rank", &o.delta_rank, 0, 1 << 16, "K", "rank of the planted update"),
+        XP_NUM("delta-scale", &o.delta_scale, 0, 100, "S", "||dW|| = S ||W||"),
+        XP_NUM("noise", &o.noise, 0, 100, "E", "dense noise with ||N|| = E ||W||"),
+        XP_NUM("norm-delta", &o.norm_delta, 0, 10, "F", "norms scaled by (1 + F x N(0,1))"),
+        XP_NUM("embed-delta", &o.embed_delta, 0, 10, "F",
+               "embeddings and lm_head moved by a relative F"),
+        XP_OPT_MAX_SHARD(&shard_mb),
+        XP_OPT_END};
+    const xp_cmd cmd = {
+        .name = "synth",
+        .usage =
+            "usage: xprec synth --preset tiny|small|qwen3-32b --out DIR [--seed N] [--tokenizer DIR]\n"
+            "                   [--hidden N] [--intermediate N] [--layers N] [--heads N]\n"
+            "                   [--kv-heads N] [--head-dim N] [--vocab N] [--tied|--untied]\n"
+            "       xprec synth --tuned-from BASE --delta-rank K --delta-scale S [--noise E]\n"
+            "                   [--norm-delta F] [--embed-delta F] --out DIR [--seed N]\n",
+        .about = "A random BF16 Qwen3 checkpoint (weights ~N(0, 0.02), norms ~1), deterministic for a\n"
+                 "seed; or a fine-tune of BASE: every linear weight W plus a planted rank-K update\n"
+                 "with ||dW|| = S ||W|| and dense noise with ||N|| = E ||W||; norms scaled by\n"
+                 "(1 + F x N(0,1)), embeddings and lm_head moved by a relative F.\n",
+        .opts = opts};
+    int rc = xp_cmd_parse(&cmd, argc, argv);
+    if (rc >= 0) return rc;
+    if ((preset < 0) == !o.tuned_from)
+        return xp_cmd_usage_error(&cmd, "give exactly one of --preset or --tuned-from");
+    if (tied && untied) return xp_cmd_usage_error(&cmd, "give --tied or --untied, not both");
+    o.seed = (uint64_t)seed;
+    o.max_shard = (size_t)shard_mb << 20;
     if (o.tuned_from) {
         if (o.delta_rank == 0 && o.noise == 0 && o.norm_delta == 0 && o.embed_delta == 0) {
-            fprintf(stderr, "xprec synth: --tuned-from needs --delta-rank and --delta-scale (or "
-                            "--noise): the fine-tune would equal its base\n");
-            return 2;
+            return xp_cmd_usage_error(&cmd, "--tuned-from needs --delta-rank and --delta-scale "
+                                            "(or --noise): the fine-tune would equal its base");
         }
-        if ((o.delta_rank > 0) != (o.delta_scale > 0)) {
-            fprintf(stderr, "xprec synth: --delta-rank and --delta-scale go together\n");
-            return 2;
-        }
+        if ((o.delta_rank > 0) != (o.delta_scale > 0))
+            return xp_cmd_usage_error(&cmd, "--delta-rank and --delta-scale go together");
     } else {
-        for (size_t i = 0; i < sizeof xp_presets / sizeof xp_presets[0]; i++)
-            if (strcmp(preset, xp_presets[i].name) == 0) {
-                o.cfg = xp_presets[i].cfg;
-                have_preset = 1;
-            }
-        if (!have_preset) {
-            fprintf(stderr, "xprec synth: unknown preset \"%s\" (tiny, small, qwen3-32b)\n", preset);
-            return 2;
-        }
+        o.cfg = xp_presets[preset];
         int *f[7] = {&o.cfg.hidden_size, &o.cfg.intermediate_size, &o.cfg.num_hidden_layers,
                      &o.cfg.num_attention_heads, &o.cfg.num_key_value_heads, &o.cfg.head_dim,
                      &o.cfg.vocab_size};
         for (int i = 0; i < 7; i++)
             if (dims[i] > 0) *f[i] = (int)dims[i];
-        if (tie >= 0) o.cfg.tie_word_embeddings = tie;
+        if (tied || untied) o.cfg.tie_word_embeddings = tied;
     }
     if (xp_mkdir(o.out) < 0) goto fail;
     if (o.tuned_from) {

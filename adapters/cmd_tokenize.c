@@ -1,37 +1,14 @@
 /* xprec tokenize: token ids of a text or a chat with a checkpoint's tokenizer, and back. */
-#include "tokenizer/chat.h"
+#include "cli.h"
 #include "commands.h"
+#include "tokenizer/chat.h"
 #include "tokenizer/tokenizer.h"
 #include "util/xp_error.h"
 
 #include <cjson/cJSON.h>
-#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static void xp_tokenize_usage(FILE *fp)
-{
-    fputs("usage: xprec tokenize --model DIR (--text TEXT | --chat JSON | --jsonl FILE) [opts]\n"
-          "\n"
-          "Prints the token ids as a JSON array, one line per input.\n"
-          "\n"
-          "  --model DIR   checkpoint directory with tokenizer.json and tokenizer_config.json\n"
-          "  --text TEXT   encode TEXT (UTF-8; special tokens written in it are matched)\n"
-          "  --chat JSON   encode a chat in Qwen3 ChatML: a JSON list of {\"role\", \"content\"}\n"
-          "                messages, or {\"messages\": [...], \"add_generation_prompt\": true,\n"
-          "                \"enable_thinking\": true} (those are the defaults)\n"
-          "  --jsonl FILE  one input per line (- for stdin): a JSON string is encoded, a JSON\n"
-          "                list of ids is decoded; one output line per input line, or\n"
-          "                {\"error\": \"...\"} for a bad one (the exit status is then 1)\n"
-          "  --decode      print {\"ids\": [...], \"text\": \"...\"} with the text decoded back\n"
-          "  --stream      with --decode, add \"chunks\": what the streaming decoder emits for\n"
-          "                each id in turn and at the end (whole UTF-8 characters only)\n"
-          "  --no-special  encode special tokens written in the text as plain text (not with\n"
-          "                --chat)\n"
-          "  --info        print the vocabulary size and the stop token ids, then exit\n",
-          fp);
-}
 
 typedef struct {
     const xp_tokenizer *tok;
@@ -110,29 +87,14 @@ static int xp_encode_print(const xp_tk_opts *o, const char *text, size_t len)
 
 static int xp_chat_print(const xp_tk_opts *o, const char *json)
 {
-    cJSON *root = cJSON_Parse(json);
-    const cJSON *list = cJSON_IsObject(root) ? cJSON_GetObjectItemCaseSensitive(root, "messages")
-                                             : root;
-    int gen = !cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(root, "add_generation_prompt"));
-    int think = !cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(root, "enable_thinking"));
-    size_t n = (size_t)cJSON_GetArraySize(list);
-    xp_chat_msg *msgs = calloc(n + 1, sizeof *msgs);
-    int rc = 0;
-    if (!cJSON_IsArray(list)) rc = xp_fail("--chat: expected a list of messages");
-    else if (!msgs) rc = xp_fail("out of memory");
-    for (size_t i = 0; i < n && !rc; i++) {
-        const cJSON *m = cJSON_GetArrayItem(list, (int)i);
-        msgs[i].role = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "role"));
-        msgs[i].content = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "content"));
-        if (!msgs[i].role || !msgs[i].content)
-            rc = xp_fail("--chat: message %zu needs string \"role\" and \"content\"", i);
-    }
-    char *prompt = rc ? NULL : xp_chat_build(msgs, n, gen, think);
+    xp_chat_arg ca;
+    int rc = xp_chat_arg_parse(json, 1, 1, &ca);
+    char *prompt = rc ? NULL : xp_chat_build(ca.msgs, ca.n, ca.add_generation_prompt,
+                                             ca.enable_thinking);
     if (!rc && !prompt) rc = -1;
     if (!rc) rc = xp_encode_print(o, prompt, strlen(prompt));
     free(prompt);
-    free(msgs);
-    cJSON_Delete(root);
+    xp_chat_arg_free(&ca);
     return rc;
 }
 
@@ -202,37 +164,50 @@ static void xp_print_info(const xp_tokenizer *tok)
 
 int xp_cmd_tokenize(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        {"model", required_argument, 0, 'm'},  {"text", required_argument, 0, 't'},
-        {"chat", required_argument, 0, 'c'},   {"jsonl", required_argument, 0, 'j'},
-        {"decode", no_argument, 0, 'd'},       {"stream", no_argument, 0, 's'},
-        {"no-special", no_argument, 0, 'n'},   {"info", no_argument, 0, 'i'},
-        {"help", no_argument, 0, 'h'},         {0, 0, 0, 0},
-    };
     const char *model = NULL, *text = NULL, *chat = NULL, *jsonl = NULL;
-    xp_tk_opts o = {.allow_special = 1};
-    int info = 0, c;
-    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
-        switch (c) {
-        case 'm': model = optarg; break;
-        case 't': text = optarg; break;
-        case 'c': chat = optarg; break;
-        case 'j': jsonl = optarg; break;
-        case 'd': o.decode = 1; break;
-        case 's': o.stream = 1; break;
-        case 'n': o.allow_special = 0; break;
-        case 'i': info = 1; break;
-        case 'h': xp_tokenize_usage(stdout); return 0;
-        default: xp_tokenize_usage(stderr); return 2;
-        }
-    }
+    xp_tk_opts o = {0};
+    int info = 0, no_special = 0;
+    xp_opt opts[] = {
+        XP_STR_REQ("model", &model, "DIR",
+                   "directory with tokenizer.json and tokenizer_config.json"),
+        XP_STR("text", &text, "TEXT", "encode TEXT (UTF-8; special tokens written in it are\n"
+                                      "matched)"),
+        XP_STR("chat", &chat, "JSON",
+               "encode a chat in Qwen3 ChatML: a JSON list of\n"
+               "{\"role\", \"content\"} messages, or {\"messages\": [...],\n"
+               "\"add_generation_prompt\": true, \"enable_thinking\": true}\n"
+               "(those are the defaults)"),
+        XP_STR("jsonl", &jsonl, "FILE",
+               "one input per line (- for stdin): a JSON string is encoded, a\n"
+               "JSON list of ids is decoded; one output line per input line,\n"
+               "or {\"error\": \"...\"} for a bad one (the exit status is then 1)"),
+        XP_FLAG("decode", &o.decode,
+                "print {\"ids\": [...], \"text\": \"...\"} with the text decoded back"),
+        XP_FLAG("stream", &o.stream,
+                "with --decode, add \"chunks\": what the streaming decoder\n"
+                "emits for each id in turn and at the end (whole UTF-8\n"
+                "characters only)"),
+        XP_FLAG("no-special", &no_special,
+                "encode special tokens written in the text as plain text (not\n"
+                "with --chat)"),
+        XP_FLAG("info", &info, "print the vocabulary size and the stop token ids, then exit"),
+        XP_OPT_END};
+    const xp_cmd cmd = {
+        .name = "tokenize",
+        .usage = "usage: xprec tokenize --model DIR (--text TEXT | --chat JSON | --jsonl FILE) [opts]\n"
+                 "       xprec tokenize --model DIR --info\n",
+        .about = "Prints the token ids as a JSON array, one line per input.\n",
+        .opts = opts};
+    int st = xp_cmd_parse(&cmd, argc, argv);
+    if (st >= 0) return st;
+    o.allow_special = !no_special;
     int inputs = (text != NULL) + (chat != NULL) + (jsonl != NULL);
+    if (info ? inputs != 0 : inputs != 1)
+        return xp_cmd_usage_error(&cmd, info ? "--info takes no --text, --chat or --jsonl"
+                                             : "give one of --text, --chat and --jsonl");
+    if (o.stream && !o.decode) return xp_cmd_usage_error(&cmd, "--stream goes with --decode");
     /* a chat prompt needs its special tokens */
-    if (!model || optind != argc || (info ? inputs != 0 : inputs != 1) || (o.stream && !o.decode) ||
-        (chat && !o.allow_special)) {
-        xp_tokenize_usage(stderr);
-        return 2;
-    }
+    if (chat && no_special) return xp_cmd_usage_error(&cmd, "--no-special does not go with --chat");
     xp_tokenizer *tok = xp_tokenizer_load(model);
     if (!tok) {
         fprintf(stderr, "xprec tokenize: %s\n", xp_last_error());

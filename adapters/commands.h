@@ -19,4 +19,6 @@ int xp_cmd_bench(int argc, char **argv);
 
 int xp_cmd_fidelity(int argc, char **argv);
 
+int xp_cmd_keyhash(int argc, char **argv);
+
 #endif

@@ -20,6 +20,7 @@ static const struct {
     {"tokenize", xp_cmd_tokenize, "token ids of a text or chat with the model's tokenizer"},
     {"extract", xp_cmd_extract, "LoRA adapter from a fine-tune minus its base (Methods A and B)"},
     {"analyze", xp_cmd_analyze, "geometry of an adapter against the FP8 quantization noise"},
+    {"keyhash", xp_cmd_keyhash, "SHA-256 of an API key read on stdin, for nginx.conf"},
 };
 
 static void xp_usage(FILE *fp)

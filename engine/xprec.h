@@ -100,6 +100,8 @@ typedef struct {
     int top_k;             /* <= 0: off */
     uint64_t seed;
     int max_tokens;          /* <= 0: up to the context */
+    int max_tokens_exact;    /* 1: prompt + max_tokens past the context is an error (as the
+                                OpenAI API has it), not a shorter reply */
     const char *const *stop; /* stop strings, not included in the output */
     size_t n_stop;
     const int32_t *stop_ids; /* extra stop token ids (the model's end tokens always stop) */

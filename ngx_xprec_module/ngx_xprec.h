@@ -168,7 +168,7 @@ struct ngx_xprec_ctx_s {
     unsigned                    headers_sent:1;
     unsigned                    prompted:1;     /* the engine tokenized it */
     unsigned                    finished:1;
-    unsigned                    first_chunk:1;
+    unsigned                    token_ids:1;    /* vLLM's return_tokens_as_token_ids */
     ngx_int_t                   top_logprobs;
 
     ngx_str_t                   cmpl_id;
@@ -258,7 +258,6 @@ ngx_int_t ngx_xprec_stream_send(ngx_xprec_ctx_t *ctx, cJSON *chunk);
 ngx_int_t ngx_xprec_stream_raw(ngx_xprec_ctx_t *ctx, const char *data, size_t len,
     ngx_flag_t last);
 void ngx_xprec_stream_writer(ngx_http_request_t *r);
-cJSON *ngx_xprec_token_json(const char *bytes, size_t len, ngx_flag_t with_bytes);
 char *ngx_xprec_utf8_fix(const char *s, size_t len);
 /* length of the well-formed UTF-8 sequence at s (avail bytes there), 0 if it is not one */
 size_t ngx_xprec_utf8_seq(const u_char *s, size_t avail);

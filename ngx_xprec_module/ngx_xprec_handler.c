@@ -504,25 +504,62 @@ ngx_xprec_envelope(ngx_xprec_ctx_t *ctx, const char *object, cJSON **choice)
 }
 
 
+/* A token as logprobs name it: its text (bad UTF-8 replaced), or "token_id:N". malloc'd. */
+static char *
+ngx_xprec_token_text(ngx_xprec_ctx_t *ctx, int32_t id, const char **bytes, size_t *len)
+{
+    char  *s;
+
+    *len = 0;
+    *bytes = xp_engine_token_bytes(ngx_xprec_worker.engine, id, len);
+
+    if (ctx->token_ids) {
+        s = malloc(NGX_INT32_LEN + 10);
+        if (s) {
+            *ngx_sprintf((u_char *) s, "token_id:%D", id) = '\0';
+        }
+        return s;
+    }
+
+    return ngx_xprec_utf8_fix(*bytes ? *bytes : "", *bytes ? *len : 0);
+}
+
+
+/* {"token", "bytes", "logprob"} of one token */
+static cJSON *
+ngx_xprec_chat_token(ngx_xprec_ctx_t *ctx, const xp_token_logprob *t)
+{
+    cJSON       *o, *arr;
+    const char  *bytes;
+    size_t       len, i;
+    char        *text;
+
+    text = ngx_xprec_token_text(ctx, t->token, &bytes, &len);
+    o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "token", text ? text : "");
+    free(text);
+    cJSON_AddNumberToObject(o, "logprob", t->logprob);
+    arr = cJSON_AddArrayToObject(o, "bytes");
+    for (i = 0; bytes && i < len; i++) {
+        cJSON_AddItemToArray(arr, cJSON_CreateNumber((u_char) bytes[i]));
+    }
+
+    return o;
+}
+
+
 /* Chat's logprobs entry of one token: token, logprob, bytes, top_logprobs. */
 static cJSON *
 ngx_xprec_chat_lp(ngx_xprec_ctx_t *ctx, const xp_logprobs *lp)
 {
-    cJSON       *o, *tops, *t;
-    const char  *bytes;
-    size_t       len = 0;
-    int          k;
+    cJSON  *o, *tops;
+    int     k;
 
-    bytes = xp_engine_token_bytes(ngx_xprec_worker.engine, lp->chosen.token, &len);
-    o = ngx_xprec_token_json(bytes, len, 1);
-    cJSON_AddNumberToObject(o, "logprob", lp->chosen.logprob);
+    o = ngx_xprec_chat_token(ctx, &lp->chosen);
     tops = cJSON_AddArrayToObject(o, "top_logprobs");
 
     for (k = 0; k < lp->n_top && k < ctx->top_logprobs; k++) {
-        bytes = xp_engine_token_bytes(ngx_xprec_worker.engine, lp->top[k].token, &len);
-        t = ngx_xprec_token_json(bytes, len, 1);
-        cJSON_AddNumberToObject(t, "logprob", lp->top[k].logprob);
-        cJSON_AddItemToArray(tops, t);
+        cJSON_AddItemToArray(tops, ngx_xprec_chat_token(ctx, &lp->top[k]));
     }
 
     return o;
@@ -547,9 +584,7 @@ ngx_xprec_completion_lp(ngx_xprec_ctx_t *ctx, cJSON *obj, const int32_t *ids,
     off = cJSON_GetObjectItemCaseSensitive(obj, "text_offset");
 
     for (i = 0; i < n; i++) {
-        len = 0;
-        bytes = xp_engine_token_bytes(ngx_xprec_worker.engine, ids[i], &len);
-        text = ngx_xprec_utf8_fix(bytes ? bytes : "", bytes ? len : 0);
+        text = ngx_xprec_token_text(ctx, ids[i], &bytes, &len);
         cJSON_AddItemToArray(tokens, cJSON_CreateString(text ? text : ""));
         free(text);
         cJSON_AddItemToArray(off, cJSON_CreateNumber((double) *offset));
@@ -564,9 +599,7 @@ ngx_xprec_completion_lp(ngx_xprec_ctx_t *ctx, cJSON *obj, const int32_t *ids,
         cJSON_AddItemToArray(lpv, cJSON_CreateNumber(lps[i].chosen.logprob));
         top = cJSON_CreateObject();
         for (k = 0; k < lps[i].n_top && k < ctx->top_logprobs; k++) {
-            bytes = xp_engine_token_bytes(ngx_xprec_worker.engine, lps[i].top[k].token,
-                                          &len);
-            text = ngx_xprec_utf8_fix(bytes ? bytes : "", bytes ? len : 0);
+            text = ngx_xprec_token_text(ctx, lps[i].top[k].token, &bytes, &len);
             /* a repeated token string keeps the first (most likely) entry */
             if (text && !cJSON_GetObjectItemCaseSensitive(top, text)) {
                 cJSON_AddNumberToObject(top, text, lps[i].top[k].logprob);
@@ -1074,6 +1107,11 @@ ngx_xprec_error_handler(ngx_http_request_t *r)
         break;
     case NGX_HTTP_REQUEST_URI_TOO_LARGE:
         msg = "the request URI is too long";
+        break;
+    case NGX_HTTP_REQUEST_HEADER_TOO_LARGE:
+        /* nginx's own code; on the wire it is a 400 */
+        status = NGX_HTTP_BAD_REQUEST;
+        msg = "the request headers are too large";
         break;
     case NGX_HTTP_LENGTH_REQUIRED:
         msg = "a request body needs Content-Length or chunked transfer encoding";

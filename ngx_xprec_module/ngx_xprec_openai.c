@@ -200,6 +200,8 @@ ngx_xprec_parse_common(ngx_xprec_ctx_t *ctx, cJSON *body, ngx_int_t max_tokens,
         }
     }
     q->max_tokens = rc == NGX_OK ? (int) i : max_tokens ? (int) max_tokens : default_max;
+    /* what the client asked for must fit; a default is only a bound */
+    q->max_tokens_exact = rc == NGX_OK;
     if (max_tokens && q->max_tokens > max_tokens) {
         q->max_tokens = (int) max_tokens;
     }
@@ -279,6 +281,15 @@ ngx_xprec_parse_common(ngx_xprec_ctx_t *ctx, cJSON *body, ngx_int_t max_tokens,
         ctx->include_usage = ctx->stream && rc == NGX_OK && b;
     }
 
+    /* vLLM's extension: logprobs name tokens as "token_id:N", so clients can tell ids apart
+     * whatever bytes they decode to */
+    rc = ngx_xprec_bool(body, "return_tokens_as_token_ids", &b);
+    if (rc == NGX_ERROR) {
+        NGX_XPREC_BAD("return_tokens_as_token_ids",
+                      "return_tokens_as_token_ids must be true or false");
+    }
+    ctx->token_ids = rc == NGX_OK && b;
+
     f = ngx_xprec_field(body, "user");
     if (f != NULL && !cJSON_IsString(f)) {
         NGX_XPREC_BAD("user", "user must be a string");
@@ -351,7 +362,7 @@ ngx_int_t
 ngx_xprec_parse_chat(ngx_xprec_ctx_t *ctx, cJSON *body, ngx_int_t max_tokens,
     const char **err, const char **param)
 {
-    cJSON        *msgs, *m, *role, *f;
+    cJSON        *msgs, *m, *role, *f, *content;
     ngx_uint_t    n, i = 0;
     int64_t       k;
     ngx_flag_t    b;
@@ -396,9 +407,13 @@ ngx_xprec_parse_chat(ngx_xprec_ctx_t *ctx, cJSON *body, ngx_int_t max_tokens,
                                      "assistant or tool");
         }
 
-        if (ngx_xprec_content(ctx, cJSON_GetObjectItemCaseSensitive(m, "content"),
-                              &ctx->msgs[i].content, err)
-            != NGX_OK)
+        content = cJSON_GetObjectItemCaseSensitive(m, "content");
+        if ((content == NULL || cJSON_IsNull(content)) && ngx_strcmp(r, "assistant") != 0) {
+            NGX_XPREC_BAD(param_buf, "a message needs a content (only an assistant's may be "
+                                     "null)");
+        }
+
+        if (ngx_xprec_content(ctx, content, &ctx->msgs[i].content, err) != NGX_OK)
         {
             *param = param_buf;
             return NGX_DECLINED;

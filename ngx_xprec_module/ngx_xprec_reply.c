@@ -396,26 +396,3 @@ ngx_xprec_utf8_fix(const char *s, size_t len)
 
     return out;
 }
-
-
-cJSON *
-ngx_xprec_token_json(const char *bytes, size_t len, ngx_flag_t with_bytes)
-{
-    cJSON   *o, *arr;
-    char    *text;
-    size_t   i;
-
-    o = cJSON_CreateObject();
-    text = ngx_xprec_utf8_fix(bytes ? bytes : "", bytes ? len : 0);
-    cJSON_AddStringToObject(o, "token", text ? text : "");
-    free(text);
-
-    if (with_bytes) {
-        arr = cJSON_AddArrayToObject(o, "bytes");
-        for (i = 0; bytes && i < len; i++) {
-            cJSON_AddItemToArray(arr, cJSON_CreateNumber((u_char) bytes[i]));
-        }
-    }
-
-    return o;
-}

@@ -28,7 +28,7 @@ typedef struct {
     size_t prompt_len;
     int32_t *tokens;
     size_t n_tokens;
-    int max_tokens;
+    int max_tokens, max_tokens_exact;
 } xp_intake_req;
 
 typedef struct xp_seq {

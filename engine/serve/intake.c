@@ -56,6 +56,7 @@ static int xp_intake_copy(const xp_request *r, xp_seq *s)
     xp_intake_req *in = s->in = calloc(1, sizeof *in);
     if (!in) return -1;
     in->max_tokens = r->max_tokens;
+    in->max_tokens_exact = r->max_tokens_exact;
     in->enable_thinking = r->enable_thinking;
     if (r->messages) {
         if (!(in->messages = calloc(r->n_messages ? r->n_messages : 1, sizeof *in->messages)))
@@ -182,6 +183,12 @@ static int xp_intake_prompt(xp_engine *e, xp_seq *s)
                        e->context);
     }
     int room = e->context - (int)n;
+    if (in->max_tokens_exact && in->max_tokens > room) {
+        free(ids);
+        return xp_fail("the prompt has %zu tokens and max_tokens asks for %d more; the context "
+                       "holds %d",
+                       n, in->max_tokens, e->context);
+    }
     s->max_new = in->max_tokens > 0 && in->max_tokens < room ? in->max_tokens : room;
     s->n_prompt = s->n_tokens = (int)n;
     s->tokens = realloc(ids, ((size_t)n + (size_t)s->max_new) * sizeof *ids);

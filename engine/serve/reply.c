@@ -110,6 +110,9 @@ int xp_reply_token(const xp_tokenizer *tok, xp_seq *s, int32_t token, xp_logprob
     size_t safe = s->text_len;
     if (s->max_stop_len > 1) safe = safe > s->max_stop_len - 1 ? safe - (s->max_stop_len - 1) : 0;
     if (safe < s->sent) safe = s->sent;
+    /* the held-back bytes are counted in bytes: never cut a character in two */
+    while (safe > s->sent && ((unsigned char)s->text[safe] & 0xc0) == 0x80)
+        safe--;
     xp_emit_text(s, token, safe, lp);
     return 0;
 fail:

@@ -358,6 +358,53 @@ static void test_hold_and_cancel(void **state)
     xp_queue_destroy(q);
 }
 
+/* 1 when s[0..n) is whole UTF-8 characters */
+static int utf8_whole(const char *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        unsigned char c = (unsigned char)s[i];
+        size_t k = c < 0x80 ? 1 : c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 0;
+        if (k == 0 || i + k > n) return 0;
+        for (size_t j = 1; j < k; j++)
+            if (((unsigned char)s[i + j] & 0xc0) != 0x80) return 0;
+        i += k;
+    }
+    return 1;
+}
+
+/* Text held back for a possible stop string is counted in bytes; what is sent must still be
+ * whole characters, event by event. */
+static void test_stop_holdback_keeps_characters(void **state)
+{
+    if (!have_model) skip();
+    xp_engine *e = engine(2, 2);
+    xp_queue *q = xp_queue_create();
+    const char *stop[] = {"\x01\x02\x03\x04\x05\x06\x07"}; /* never generated */
+    int multibyte = 0;
+    for (uint64_t seed = 1; seed <= 6; seed++) {
+        xp_request r = {.prompt = "日本語のテキスト", .max_tokens = 40, .temperature = 1.0f,
+                        .seed = seed, .stop = stop, .n_stop = 1};
+        uint64_t id = xp_engine_submit(e, &r, q);
+        for (;;) {
+            xp_event ev;
+            next_event(q, id, &ev);
+            if (ev.text_len) {
+                if (!utf8_whole(ev.text, ev.text_len)) fail_msg("event text splits a character");
+                for (size_t i = 0; i < ev.text_len; i++)
+                    multibyte += (unsigned char)ev.text[i] >= 0x80;
+            }
+            int end = ev.type == XP_EV_DONE || ev.type == XP_EV_ERROR;
+            assert_true(ev.type != XP_EV_ERROR);
+            xp_event_clear(&ev);
+            if (end) break;
+        }
+    }
+    assert_true(multibyte > 0); /* the case was exercised */
+    xp_engine_destroy(e);
+    xp_queue_destroy(q);
+}
+
 /* log-softmax of one logits row, in double */
 static void log_softmax(const float *x, int n, double *out)
 {
@@ -454,6 +501,7 @@ int main(void)
         cmocka_unit_test(test_add_adapter_async),
         cmocka_unit_test(test_hold_and_cancel),
         cmocka_unit_test(test_logprobs_match_backend),
+        cmocka_unit_test(test_stop_holdback_keeps_characters),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }
