@@ -164,7 +164,10 @@ class Qwen3(nn.Module):
         """Mean next-token cross-entropy (nats) over the full vocabulary; targets: global ids,
         weight: optional 0/1 mask of the positions that count."""
         z = self.row_logits(ids)
-        nll = F.cross_entropy(z.flatten(0, 1), self.row_of[targets].flatten(), reduction="none")
+        rows = self.row_of[targets].flatten()
+        # the rest class holds n_rest ids of equal probability: an inactive target has 1/n_rest
+        # of the class's probability (a constant, so gradients do not see it)
+        nll = F.cross_entropy(z.flatten(0, 1), rows, reduction="none") + self.rest_bias[rows]
         if weight is None:
             return nll.mean()
         w = weight.flatten().float()

