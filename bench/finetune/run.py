@@ -34,12 +34,12 @@ import train as tr  # noqa: E402
 PRESETS = {
     "full": {
         "model": dict(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=768),
-        "seq": 256, "batch": 16, "min_count": 10,
-        "general": dict(steps=300, lr=3e-3, warmup=20, min_lr=3e-4, weight_decay=0.1, seed=1),
-        "finetune": dict(steps=100, lr=1e-3, warmup=10, min_lr=1e-4, weight_decay=0.0, seed=2),
-        "domain": "debian-med", "general_heldout_every": 20, "general_heldout_max": 250,
-        "domain_heldout_every": 10, "domain_heldout_max": 100,
-        "ranks": "8,16,32,64,128,256", "energies": "0.5,0.8,0.95", "prompts": 16, "tokens": 16,
+        "seq": 256, "batch": 16, "min_count": 20,
+        "general": dict(steps=200, lr=3e-3, warmup=15, min_lr=3e-4, weight_decay=0.1, seed=1),
+        "finetune": dict(steps=60, lr=1e-3, warmup=6, min_lr=1e-4, weight_decay=0.0, seed=2),
+        "domain": "debian-med", "general_heldout_every": 20, "general_heldout_max": 150,
+        "domain_heldout_every": 10, "domain_heldout_max": 60,
+        "ranks": "8,16,64,256", "energies": "0.5,0.9", "prompts": 16, "tokens": 16,
     },
     "micro": {
         "model": dict(hidden=64, layers=2, heads=2, kv_heads=1, head_dim=32, intermediate=128),
@@ -47,8 +47,8 @@ PRESETS = {
         "general": dict(steps=60, lr=1e-2, warmup=5, min_lr=1e-3, weight_decay=0.1, seed=1),
         "finetune": dict(steps=40, lr=1e-2, warmup=3, min_lr=1e-3, weight_decay=0.0, seed=2),
         "domain": "wordnet-body", "general_docs": 3000, "domain_docs": 800,
-        "general_heldout_every": 20, "general_heldout_max": 8,
-        "domain_heldout_every": 10, "domain_heldout_max": 8,
+        "general_heldout_every": 20, "general_heldout_max": 5,
+        "domain_heldout_every": 10, "domain_heldout_max": 5,
         "ranks": "4,64", "energies": "0.9", "prompts": 2, "tokens": 4,
     },
 }
