@@ -7,7 +7,7 @@ block-128, runs `xprec fidelity` (Methods A and B at several ranks and by energy
 retention on held-out domain text and forgetting on held-out general text), runs `xprec analyze`
 on every A and B adapter, and writes a report (Markdown, JSON) and a plot of retention against rank.
 
-usage: bench/finetune/run.py [--preset full|micro] [--work DIR] [--threads N]
+usage: bench/finetune/run.py [--preset full|micro] [--work DIR] [--threads N] [--train-threads N]
 
 Every stage is cached under --work (default build/finetune, or build/finetune-micro): a second
 run with the same settings reuses the corpora, both checkpoints, the FP8 base and fidelity's
@@ -288,6 +288,7 @@ def plot(path, rows):
     dat = path + ".dat"
     series = {"A": [], "B": [], "ctrl A/BF16": []}
     flat = {}
+    rows = [r for r in rows if r["retention"] is not None]
     with open(dat, "w") as f:
         for key in series:
             for r in rows:
@@ -327,7 +328,8 @@ def fmt_row(r):
     rank = f"{r['rank']}" if r["rank"] else "-"
     if r.get("energy"):
         rank = f"e{r['energy']:g} (mean {r['mean_rank']:.0f}, max {r['max_rank']})"
-    return (f"| {r['method']} | {r['what']} | {rank} | {r['heldout_loss']:.4f} | {100 * r['retention']:.1f} % | "
+    ret = "-" if r["retention"] is None else f"{100 * r['retention']:.1f} %"  # no gain to retain
+    return (f"| {r['method']} | {r['what']} | {rank} | {r['heldout_loss']:.4f} | {ret} | "
             f"{r['general_loss']:.4f} | {r['forgetting']:+.4f} | {100 * r['heldout_top1']:.1f} % | "
             f"{r['mean_kl']:.3g} | {100 * r['greedy_match']:.0f} % | {r['weight_bytes'] / 1e6:.1f} |")
 
