@@ -31,6 +31,7 @@ NGX_SRC  ?= /usr/share/nginx/src
 NGX_DIR  := $(BUILD)/nginx/src
 MODULE   := $(BUILD)/nginx/ngx_xprec_module.so
 MODULE_SRC := $(wildcard ngx_xprec_module/*.c ngx_xprec_module/*.h) config
+LUA_C    := $(BUILD)/redis/ngx_xprec_scripts.c
 # the toolkit's objects as an archive: a test pulls in only the members it calls (svd, extract)
 TOOLLIB  := $(BUILD)/lib/libxptool.a
 TOOLLIB_SAN := $(BUILD)/san/libxptool.a
@@ -91,12 +92,16 @@ $(BUILD)/san/tests/%: $(BUILD)/san/obj/tests/unit/%.o $(call obj,san/obj,$(UNIT_
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(BLAS_LIBS) $(LDLIBS) -lcmocka
 
-$(NGX_DIR)/objs/Makefile: config $(NGX_SRC)/conf_flags
+$(NGX_DIR)/objs/Makefile: config $(NGX_SRC)/conf_flags $(LUA_C)
 	rm -rf $(NGX_DIR) && mkdir -p $(dir $(NGX_DIR)) && cp -r $(NGX_SRC) $(NGX_DIR)
 	cd $(NGX_DIR) && bash -c '. ./conf_flags && ./configure "$${NGX_CONF_FLAGS[@]}" \
 	    --add-dynamic-module=$(CURDIR)' >$(CURDIR)/$(BUILD)/nginx/configure.log
 
-$(MODULE): $(NGX_DIR)/objs/Makefile $(MODULE_SRC) $(LIB_PIC) engine/xprec.h
+$(LUA_C): $(wildcard redis/*.lua) scripts/lua2c.sh
+	@mkdir -p $(dir $@)
+	scripts/lua2c.sh $@ $(sort $(wildcard redis/*.lua))
+
+$(MODULE): $(NGX_DIR)/objs/Makefile $(MODULE_SRC) $(LIB_PIC) $(LUA_C) engine/xprec.h
 	rm -f $(NGX_DIR)/objs/ngx_xprec_module.so
 	$(MAKE) -C $(NGX_DIR) -f objs/Makefile modules
 	cp $(NGX_DIR)/objs/ngx_xprec_module.so $@
@@ -133,11 +138,13 @@ check: deps
 	$(MAKE) -j$(shell nproc) all $(UNITS) $(UNITS_SAN) $(XPREC_SAN)
 	$(MAKE) unit unit-san integration fuzz
 
-# libFuzzer on the parsers (safetensors, config.json, tokenizer), a short run each
+# libFuzzer on the parsers (safetensors, config.json, tokenizer): make check replays the committed
+# corpus with a fixed seed; FUZZ_SECONDS=N runs each target open-ended for N seconds instead
 fuzz:
-	scripts/fuzz.sh $(or $(FUZZ_SECONDS),20)
+	scripts/fuzz.sh $(FUZZ_SECONDS)
 
-demo: deps $(XPREC)
+demo: deps
+	$(MAKE) -j$(shell nproc) all
 	scripts/demo.sh
 
 bench: $(XPREC)

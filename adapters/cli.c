@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -166,5 +167,30 @@ int xp_plot_check(const char *cmd, const char *png)
                         "gnuplot-nox); nothing was computed\n", cmd);
         return 1;
     }
+    return 0;
+}
+
+int xp_same_path(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
+           sa.st_ino == sb.st_ino;
+}
+
+int xp_run_gnuplot(const char *script, const char *png)
+{
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        execlp("gnuplot", "gnuplot", script, (char *)NULL);
+        _exit(127);
+    }
+    int status = 0;
+    if (pid < 0 || waitpid(pid, &status, 0) < 0)
+        return xp_fail("cannot run gnuplot: %s", strerror(errno));
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        return xp_fail("gnuplot failed (exit %d) drawing %s",
+                       WIFEXITED(status) ? WEXITSTATUS(status) : -1, png);
+    if (access(png, R_OK) != 0) return xp_fail("gnuplot wrote no %s", png);
     return 0;
 }

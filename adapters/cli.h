@@ -140,8 +140,30 @@ int xp_cpu_count(void);
 
 /* ---------------------------------------------------------------- files */
 
-/* mkdir -p for one directory level; ok if it exists. */
+/* mkdir for one directory level; ok if it exists. */
 int xp_mkdir(const char *dir);
+/* mkdir -p: every missing directory on the path. */
+int xp_mkdir_p(const char *dir);
+
+/* An output directory (a checkpoint, an adapter) that appears whole or not at all. begin refuses
+ * a target that exists and is not an empty directory unless force is set, creates missing
+ * parents, and makes a temporary directory tmp beside the target, where the caller writes.
+ * commit renames it into place, replacing whatever the target held; abort removes it and leaves
+ * the target as it was. A temporary directory is also removed on SIGINT, SIGTERM and SIGHUP,
+ * and, after a SIGKILL, by the next begin on the same target. */
+typedef struct {
+    char target[4096];
+    char tmp[4096];
+    int force;
+} xp_outdir;
+
+int xp_outdir_begin(xp_outdir *o, const char *target, int force);
+int xp_outdir_commit(xp_outdir *o);
+/* Harmless after commit or a failed begin. */
+void xp_outdir_abort(xp_outdir *o);
+
+/* Do two paths name the same existing file or directory? */
+int xp_same_path(const char *a, const char *b);
 /* Copies a small file (config, tokenizer); returns -1 with xp_last_error() set. */
 int xp_copy_file(const char *src, const char *dst);
 
@@ -156,5 +178,7 @@ int xp_write_text(const char *dir, const char *name, const char *text);
  * checked before any work. Returns 0, or the exit status after printing why (2 for the name, 1
  * for a missing gnuplot). */
 int xp_plot_check(const char *cmd, const char *png);
+/* Runs gnuplot on a script file that draws png; -1 + error when it fails or draws nothing. */
+int xp_run_gnuplot(const char *script, const char *png);
 
 #endif

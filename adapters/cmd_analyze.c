@@ -17,7 +17,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 typedef struct {
@@ -214,26 +213,7 @@ static int xp_plot(const xp_analyze_args *a, const xp_mod_geo *g, size_t n, int 
         xp_fail(blocks ? "%s: cannot write" : "nothing to plot", dir);
         goto done;
     }
-    fflush(NULL);
-    pid_t pid = fork();
-    if (pid == 0) {
-        execlp("gnuplot", "gnuplot", script, (char *)NULL);
-        _exit(127);
-    }
-    int status = 0;
-    if (pid < 0 || waitpid(pid, &status, 0) < 0) {
-        xp_fail("cannot run gnuplot: %s", strerror(errno));
-        goto done;
-    }
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-        xp_fail("gnuplot failed (exit %d) drawing %s", WIFEXITED(status) ? WEXITSTATUS(status) : -1,
-                a->plot);
-        goto done;
-    }
-    if (access(a->plot, R_OK) != 0) {
-        xp_fail("gnuplot wrote no %s", a->plot);
-        goto done;
-    }
+    if (xp_run_gnuplot(script, a->plot) < 0) goto done;
     rc = 0;
 done:
     if (fd) fclose(fd);

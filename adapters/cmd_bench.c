@@ -4,11 +4,13 @@
 #include "cli.h"
 #include "commands.h"
 #include "format/peft.h"
+#include "model/lora.h"
 #include "format/qwen3_config.h"
 #include "util/rng.h"
 #include "util/xp_error.h"
 #include "xprec.h"
 
+#include <errno.h>
 #include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -148,7 +150,7 @@ int xp_cmd_bench(int argc, char **argv)
         XP_OPT_MODEL(&model),
         XP_INTS("batch", &batches, 1, 1024, 16, "B,B,...", "batch sizes to run (default 1,8,32)"),
         XP_INT("adapters", &k, 0, 64, "K", "also run each batch with K distinct adapters"),
-        XP_INT("rank", &rank, 1, 256, "R", "rank of those adapters (default 16)"),
+        XP_INT("rank", &rank, 1, XP_MAX_LORA_RANK, "R", "rank of those adapters (default 16)"),
         XP_INT("prompt-len", &plen, 1, 32768, "P", "prompt tokens per sequence (default 64)"),
         XP_INT("gen-len", &glen, 2, 32768, "G", "generated tokens per sequence (default 32)"),
         XP_OPT_THREADS(&threads),
@@ -166,13 +168,9 @@ int xp_cmd_bench(int argc, char **argv)
     int st = xp_cmd_parse(&cmd, argc, argv);
     if (st >= 0) return st;
     int nt = threads ? (int)threads : xp_cpu_count();
-    char adir[] = "/tmp/xprec-bench-XXXXXX";
-    if (k > 0 && (!mkdtemp(adir) || xp_bench_adapters(model, adir, (int)k, (int)rank) < 0)) {
-        fprintf(stderr, "xprec bench: adapters: %s\n", xp_last_error());
-        return 1;
-    }
     /* a small engine on the same backend: what a step streams, a KV block's size, and the read
-     * bandwidth of the memory the weights live in (host or device) */
+     * bandwidth of the memory the weights live in (host or device); made first, so that a bad
+     * --model is reported as what it is */
     xp_engine_opts probe = {.threads = nt, .kv_bytes = 64u << 20, .max_batch = 1, .backend = backend};
     xp_engine *pe = xp_engine_create(model, &probe);
     if (!pe) {
@@ -185,6 +183,16 @@ int xp_cmd_bench(int argc, char **argv)
     snprintf(be_name, sizeof be_name, "%s", xp_engine_backend(pe));
     double bw = xp_engine_read_bandwidth(pe);
     xp_engine_destroy(pe);
+    char adir[] = "/tmp/xprec-bench-XXXXXX";
+    if (k > 0 && !mkdtemp(adir)) {
+        fprintf(stderr, "xprec bench: cannot create a scratch directory: %s\n", strerror(errno));
+        return 1;
+    }
+    if (k > 0 && xp_bench_adapters(model, adir, (int)k, (int)rank) < 0) {
+        fprintf(stderr, "xprec bench: making the %ld random adapters: %s\n", k, xp_last_error());
+        nftw(adir, xp_rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+        return 1;
+    }
     printf("model %s, backend %s, %d threads, prompt %ld, generate %ld tokens\n", model, be_name,
            nt, plen, glen);
     printf("memory read bandwidth (%s, measured): %.2f GB/s; weights streamed per decode step: %.1f MB\n", be_name,

@@ -9,6 +9,7 @@
 #include "commands.h"
 #include "lora_extract.h"
 #include "format/peft.h"
+#include "model/lora.h"
 #include "util/xp_error.h"
 
 #include <cjson/cJSON.h>
@@ -23,6 +24,7 @@
 
 typedef struct {
     const char *base, *tuned, *out, *report;
+    int force;
     unsigned targets; /* bit m: module m gets a LoRA */
     xp_extract_opts ex;
 } xp_extract_args;
@@ -48,7 +50,7 @@ typedef struct {
 
 static int xp_spill_open(xp_spill *sp, const char *dir)
 {
-    char path[4096];
+    char path[4200];
     snprintf(path, sizeof path, "%s/.xprec-extract-XXXXXX", dir);
     int fd = mkstemp(path);
     if (fd < 0) return xp_fail("%s: %s", path, strerror(errno));
@@ -360,8 +362,21 @@ static void xp_print_summary(const xp_extract_args *a, char method, const xp_mod
     printf("  relative residual ||dW - BA||/||dW||: mean %.4g, max %.4g (%s)\n", sum / (double)nx,
            worst, path);
     if (n > nx) printf("  %zu targeted modules unchanged by the fine-tune (left out)\n", n - nx);
+    if (a->ex.rank == 0) {
+        size_t capped = 0;
+        for (size_t i = 0; i < n; i++)
+            capped += mods[i].r.rank == a->ex.max_rank && mods[i].r.energy < a->ex.energy;
+        if (capped)
+            printf("  %zu modules stop at rank %d (--max-rank%s) below the energy share %g; the "
+                   "report gives each one's share\n",
+                   capped, a->ex.max_rank,
+                   a->ex.max_rank == XP_MAX_LORA_RANK ? ", the most the engine serves" : "",
+                   a->ex.energy);
+    }
     if (ndrop == 0) {
-        printf("  every change of the fine-tune is in the adapter\n");
+        /* a statement about where the fine-tune changed things, not about the residual above */
+        printf("  nothing outside the targeted modules changed: norms, embeddings, lm_head and\n"
+               "  untargeted modules equal the base\n");
         return;
     }
     printf("  changed but not in the adapter: %zu tensors (relative change)\n", ndrop);
@@ -383,7 +398,8 @@ static int xp_extract(const xp_extract_args *a)
     float *wb = NULL, *wt = NULL;
     size_t n = 0, ndrop = 0;
     xp_spill sp = {0};
-    int rc = -1, made_out = 0;
+    xp_outdir od = {0};
+    int rc = -1;
     double t0 = xp_now();
     if (xp_ckpt_open(a->base, &base) < 0 || xp_ckpt_open(a->tuned, &tuned) < 0) goto done;
     if (tuned->quant.kind != XP_QUANT_NONE) {
@@ -405,11 +421,8 @@ static int xp_extract(const xp_extract_args *a)
         if ((size_t)(o * i) > maxel) maxel = (size_t)(o * i);
         if (a->targets & (1u << m)) bytes += (uint64_t)(o * i) * 2 * cfg->num_hidden_layers;
     }
-    /* a directory we create is removed again if the extraction fails (only while empty: rmdir
-     * never takes anything the user put there) */
-    struct stat st_out;
-    made_out = stat(a->out, &st_out) != 0;
-    if (xp_mkdir(a->out) < 0 || xp_spill_open(&sp, a->out) < 0) goto done;
+    /* the scratch file lives in the new directory: on the target's file system, gone with it */
+    if (xp_outdir_begin(&od, a->out, a->force) < 0 || xp_spill_open(&sp, od.tmp) < 0) goto done;
     mods = calloc(total, sizeof *mods);
     wb = malloc(maxel * sizeof *wb);
     wt = malloc(maxel * sizeof *wt);
@@ -485,9 +498,10 @@ static int xp_extract(const xp_extract_args *a)
         xp_fail("the fine-tune equals the base in every targeted module: nothing to extract");
         goto done;
     }
-    if (xp_peft_save(a->out, a->base, save, ns, 0) < 0) goto done;
+    if (xp_peft_save(od.tmp, a->base, save, ns, 0) < 0) goto done;
     double seconds = xp_now() - t0;
     if (a->report && xp_write_report(a, method, mods, n, drop, ndrop, seconds) < 0) goto done;
+    if (xp_outdir_commit(&od) < 0) goto done;
     xp_print_summary(a, method, mods, n, drop, ndrop, seconds);
     rc = 0;
 done:
@@ -500,7 +514,7 @@ done:
     free(wt);
     xp_ckpt_close(base);
     xp_ckpt_close(tuned);
-    if (rc < 0 && made_out) rmdir(a->out);
+    xp_outdir_abort(&od);
     return rc;
 }
 
@@ -517,11 +531,15 @@ int xp_cmd_extract(int argc, char **argv)
         XP_STR_REQ("base", &a.base, "DIR", "the base: BF16 gives Method A, FP8 Method B"),
         XP_STR_REQ("tuned", &a.tuned, "DIR", "the BF16 fine-tune"),
         XP_STR_REQ("out", &a.out, "DIR", "the adapter directory to write"),
-        XP_INT("rank", &rank, 1, 65536, "R", "the rank of every module"),
+        XP_INT("rank", &rank, 1, XP_MAX_LORA_RANK, "R",
+               "the rank of every module (at most 256, the most the engine\n"
+               "serves)"),
         XP_NUM("energy", &energy, 1e-9, 1, "F",
                "per module the smallest rank whose singular values capture the\n"
                "share F of ||dW||^2"),
-        XP_INT("max-rank", &max_rank, 1, 65536, "R", "with --energy: never more than R"),
+        XP_INT("max-rank", &max_rank, 1, XP_MAX_LORA_RANK, "R",
+               "with --energy: never more than R (default 256, the most the\n"
+               "engine serves)"),
         XP_STR("targets", &targets, "LIST",
                "comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,\n"
                "down_proj (or q,k,...; attn; mlp; all, the default)"),
@@ -533,13 +551,14 @@ int xp_cmd_extract(int argc, char **argv)
         XP_INT("oversample", &oversample, 0, 4096, "P", "randomized SVD oversampling (default 10)"),
         XP_INT("power-iters", &power, 0, 64, "Q", "randomized SVD power iterations (default 2)"),
         XP_OPT_SEED(&seed, "seeds the randomized SVD's test matrix (default 0)"),
+        XP_OPT_FORCE(&a.force),
         XP_OPT_END};
     const xp_cmd cmd = {
         .name = "extract",
         .usage = "usage: xprec extract --base DIR --tuned DIR --out DIR (--rank R | --energy F)\n"
                  "                     [--max-rank R] [--targets LIST] [--report FILE.json]\n"
                  "                     [--svd auto|exact|randomized] [--oversample P]\n"
-                 "                     [--power-iters Q] [--seed N]\n",
+                 "                     [--power-iters Q] [--seed N] [--force]\n",
         .about = "A BF16 PEFT LoRA adapter from dW = W_tuned - W_base for every targeted linear\n"
                  "module: truncated SVD dW ~ U S V^T, B = U sqrt(S), A = sqrt(S) V^T, lora_alpha = r.\n"
                  "A BF16 base gives Method A; an FP8 base gives Method B (dW against the dequantized\n"
@@ -555,6 +574,8 @@ int xp_cmd_extract(int argc, char **argv)
                 targets);
         return 2;
     }
+    if (xp_same_path(a.out, a.base) || xp_same_path(a.out, a.tuned))
+        return xp_cmd_usage_error(&cmd, "--out must differ from --base and --tuned");
     if (svd && xp_svd_method_parse(svd, &a.ex.svd.method) < 0) {
         fprintf(stderr, "xprec extract: --svd is auto, exact or randomized, got \"%s\"\n", svd);
         return 2;
@@ -565,7 +586,8 @@ int xp_cmd_extract(int argc, char **argv)
         return xp_cmd_usage_error(&cmd, "--max-rank goes with --energy");
     a.ex.rank = (int)rank;
     a.ex.energy = energy;
-    a.ex.max_rank = (int)max_rank;
+    /* what serving would refuse is never written */
+    a.ex.max_rank = energy > 0 && max_rank == 0 ? XP_MAX_LORA_RANK : (int)max_rank;
     a.ex.svd.oversample = (int)oversample;
     a.ex.svd.power_iters = (int)power;
     a.ex.svd.seed = (uint64_t)seed;

@@ -6,8 +6,8 @@
  * its own greedy continuation (does it equal gold's?). Methods: A (adapter extracted against
  * the BF16 base, served on FP8), B (extracted against the dequantized FP8 base, served on FP8),
  * C (the fine-tune quantized directly), and controls: A's adapter on the BF16 base, the FP8
- * base alone, the BF16 base alone. Adapters and the quantized fine-tune are built once into a
- * cache directory and reused.
+ * base alone, the BF16 base alone. Adapters and the quantized fine-tune are built into a cache
+ * directory, each with a record of what it was made from, and reused only for the same.
  *
  * With held-out text (--heldout: the fine-tune's domain; --heldout-general: what it should not
  * forget) every method is also scored on real text: each document alone after <|endoftext|>,
@@ -19,12 +19,16 @@
 #include "commands.h"
 #include "fidelity_prompts.h"
 #include "runner.h"
+#include "svd.h"
 #include "serve/sampler.h"
 #include "util/fsutil.h"
 #include "tokenizer/tokenizer.h"
 #include "util/xp_error.h"
 
 #include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -109,15 +113,6 @@ static double xp_kl(const float *lp, const float *lq, int n)
 
 /* ---------------------------------------------------------------- artifacts in the cache */
 
-static int xp_exists(const char *dir, const char *file)
-{
-    char *p = xp_path_join(dir, file);
-    struct stat st;
-    int ok = p && stat(p, &st) == 0;
-    free(p);
-    return ok;
-}
-
 /* Runs another xprec command in-process with its output on stderr, so stdout keeps the table. */
 static int xp_run_cmd(int (*cmd)(int, char **), int argc, char **argv)
 {
@@ -147,33 +142,174 @@ static void xp_variant_name(const xp_fid_args *a, int i, char *s, size_t n)
         snprintf(s, n, "e%g", a->energies[i - a->nranks]);
 }
 
+/* Each artifact in the cache carries this file: what it was made from. It is reused only when
+ * this run would make it from the same inputs with the same options. */
+#define XP_FID_STAMP "xprec-made-from.json"
+
+/* An input directory as the cache sees it: its real path and every file's name, size and
+ * modification time, so that any rewrite of the checkpoint makes it another input. */
+static cJSON *xp_dir_identity(const char *dir)
+{
+    char real[PATH_MAX];
+    if (!realpath(dir, real)) {
+        xp_fail("%s: %s", dir, strerror(errno));
+        return NULL;
+    }
+    struct dirent **names;
+    int n = scandir(dir, &names, NULL, alphasort);
+    if (n < 0) {
+        xp_fail("%s: %s", dir, strerror(errno));
+        return NULL;
+    }
+    cJSON *id = cJSON_CreateObject(), *files = cJSON_AddArrayToObject(id, "files");
+    cJSON_AddStringToObject(id, "path", real);
+    for (int i = 0; i < n; i++) {
+        char *p = xp_path_join(dir, names[i]->d_name);
+        struct stat st;
+        if (p && stat(p, &st) == 0 && S_ISREG(st.st_mode)) {
+            cJSON *f = cJSON_CreateArray();
+            cJSON_AddItemToArray(f, cJSON_CreateString(names[i]->d_name));
+            cJSON_AddItemToArray(f, cJSON_CreateNumber((double)st.st_size));
+            char mt[48];
+            snprintf(mt, sizeof mt, "%lld.%09ld", (long long)st.st_mtim.tv_sec,
+                     st.st_mtim.tv_nsec);
+            cJSON_AddItemToArray(f, cJSON_CreateString(mt));
+            cJSON_AddItemToArray(files, f);
+        }
+        free(p);
+        free(names[i]);
+    }
+    free(names);
+    return id;
+}
+
+/* Does dir hold an artifact made from exactly this? */
+static int xp_stamp_matches(const char *dir, const char *made_from)
+{
+    char *p = xp_path_join(dir, XP_FID_STAMP);
+    struct stat st;
+    char *text = p && stat(p, &st) == 0 ? xp_read_text_file(p, 1u << 20) : NULL;
+    int same = text && strcmp(text, made_from) == 0;
+    free(text);
+    free(p);
+    return same;
+}
+
+static int xp_stamp_write(const char *dir, const char *made_from)
+{
+    char *p = xp_path_join(dir, XP_FID_STAMP), *tmp = xp_path_join(dir, "." XP_FID_STAMP);
+    FILE *fp = p && tmp ? fopen(tmp, "wb") : NULL;
+    int ok = fp && fputs(made_from, fp) >= 0;
+    ok = fp && fclose(fp) == 0 && ok && rename(tmp, p) == 0;
+    if (!ok) xp_fail("%s: cannot write %s", dir, XP_FID_STAMP);
+    free(p);
+    free(tmp);
+    return ok ? 0 : -1;
+}
+
+/* Builds dir with the command argv (which ends in "--out", dir, "--force") unless the cache
+ * already holds it made from made_from. */
+static int xp_cached(const char *what, const char *dir, const char *made_from,
+                     int (*cmd)(int, char **), int argc, char **argv)
+{
+    if (xp_stamp_matches(dir, made_from)) return 0;
+    struct stat st;
+    fprintf(stderr, "fidelity: %s -> %s%s\n", what, dir,
+            stat(dir, &st) == 0 ? " (the cached one was made from other inputs)" : "");
+    if (xp_run_cmd(cmd, argc, argv) < 0) return -1;
+    return xp_stamp_write(dir, made_from);
+}
+
+/* The inputs must be what the rows say they are: a BF16 base, its FP8 quantization and a BF16
+ * fine-tune of the same shape. */
+static int xp_fid_check_inputs(const xp_fid_args *a)
+{
+    const char *dirs[3] = {a->base, a->quant, a->tuned};
+    xp_qwen3_config cfg[3];
+    int fp8[3];
+    for (int i = 0; i < 3; i++) {
+        xp_quant_config q;
+        if (xp_qwen3_config_load(dirs[i], &cfg[i], &q) < 0) return -1;
+        fp8[i] = q.kind != XP_QUANT_NONE;
+        xp_quant_config_free(&q);
+    }
+    if (fp8[0]) return xp_fail("--base %s is quantized; give the BF16 model", a->base);
+    if (!fp8[1])
+        return xp_fail("--quantized %s has no quantization_config: it is a BF16 checkpoint, and "
+                       "Methods A and B would be measured on it as if it were FP8; give the FP8 "
+                       "model",
+                       a->quant);
+    if (fp8[2]) return xp_fail("--tuned %s is quantized; give the BF16 fine-tune", a->tuned);
+    for (int i = 1; i < 3; i++)
+        if (cfg[i].hidden_size != cfg[0].hidden_size ||
+            cfg[i].intermediate_size != cfg[0].intermediate_size ||
+            cfg[i].num_hidden_layers != cfg[0].num_hidden_layers ||
+            cfg[i].num_attention_heads != cfg[0].num_attention_heads ||
+            cfg[i].num_key_value_heads != cfg[0].num_key_value_heads ||
+            cfg[i].head_dim != cfg[0].head_dim || cfg[i].vocab_size != cfg[0].vocab_size)
+            return xp_fail("%s and %s are not the same architecture (config.json dimensions "
+                           "differ)",
+                           a->base, dirs[i]);
+    return 0;
+}
+
 static int xp_build_artifacts(const xp_fid_args *a, char (*adir)[2][4096], char *tuned_fp8)
 {
-    if (xp_mkdir(a->cache) < 0) return -1;
     if (strlen(a->cache) > 3000) return xp_fail("--cache path is too long");
+    if (xp_mkdir_p(a->cache) < 0) return -1;
+    cJSON *ids[3] = {xp_dir_identity(a->base), xp_dir_identity(a->quant),
+                     xp_dir_identity(a->tuned)};
+    int rc = -1;
+    char *made = NULL;
+    if (!ids[0] || !ids[1] || !ids[2]) goto done;
     snprintf(tuned_fp8, 4096, "%.3000s/C-tuned-fp8", a->cache);
-    if (!xp_exists(tuned_fp8, "config.json")) {
-        fprintf(stderr, "fidelity: Method C: quantizing the fine-tune -> %s\n", tuned_fp8);
-        char *argv[] = {"quantize", "--in", (char *)a->tuned, "--out", tuned_fp8, NULL};
-        if (xp_run_cmd(xp_cmd_quantize, 5, argv) < 0) return -1;
-    }
+    cJSON *c = cJSON_CreateObject();
+    cJSON_AddStringToObject(c, "artifact", "C: the fine-tune quantized");
+    cJSON_AddStringToObject(c, "command", "quantize");
+    cJSON_AddItemReferenceToObject(c, "tuned", ids[2]);
+    made = cJSON_Print(c);
+    cJSON_Delete(c);
+    char *qargv[] = {"quantize", "--in", (char *)a->tuned, "--out", tuned_fp8, "--force", NULL};
+    if (!made || xp_cached("Method C: quantizing the fine-tune", tuned_fp8, made, xp_cmd_quantize,
+                           6, qargv) < 0)
+        goto done;
     for (int i = 0; i < a->nranks + a->nenergies; i++) {
         char name[32], value[32];
         xp_variant_name(a, i, name, sizeof name);
         snprintf(value, sizeof value, "%s", name + 1);
+        int by_rank = i < a->nranks;
         for (int m = 0; m < 2; m++) {
             snprintf(adir[i][m], 4096, "%.3000s/%c-%s", a->cache, m ? 'B' : 'A', name);
-            if (xp_exists(adir[i][m], "adapter_config.json")) continue;
-            fprintf(stderr, "fidelity: Method %c, %s %s -> %s\n", m ? 'B' : 'A',
-                    i < a->nranks ? "rank" : "energy", value, adir[i][m]);
-            char *argv[] = {"extract", "--base", (char *)(m ? a->quant : a->base), "--tuned",
-                            (char *)a->tuned, "--out", adir[i][m],
-                            i < a->nranks ? "--rank" : "--energy", value, "--svd",
-                            (char *)a->svd, NULL};
-            if (xp_run_cmd(xp_cmd_extract, 11, argv) < 0) return -1;
+            const char *base = m ? a->quant : a->base;
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "artifact", m ? "B: adapter against the FP8 base"
+                                                     : "A: adapter against the BF16 base");
+            cJSON_AddStringToObject(o, "command", "extract");
+            if (by_rank)
+                cJSON_AddNumberToObject(o, "rank", a->ranks[i]);
+            else
+                cJSON_AddNumberToObject(o, "energy", a->energies[i - a->nranks]);
+            cJSON_AddStringToObject(o, "svd", a->svd);
+            cJSON_AddItemReferenceToObject(o, "base", ids[m ? 1 : 0]);
+            cJSON_AddItemReferenceToObject(o, "tuned", ids[2]);
+            free(made);
+            made = cJSON_Print(o);
+            cJSON_Delete(o);
+            char what[64];
+            snprintf(what, sizeof what, "Method %c, %s %s", m ? 'B' : 'A',
+                     by_rank ? "rank" : "energy", value);
+            char *argv[] = {"extract", "--base", (char *)base, "--tuned", (char *)a->tuned,
+                            by_rank ? "--rank" : "--energy", value, "--svd", (char *)a->svd,
+                            "--out", adir[i][m], "--force", NULL};
+            if (!made || xp_cached(what, adir[i][m], made, xp_cmd_extract, 12, argv) < 0)
+                goto done;
         }
     }
-    return 0;
+    rc = 0;
+done:
+    free(made);
+    for (int i = 0; i < 3; i++) cJSON_Delete(ids[i]);
+    return rc;
 }
 
 /* Bytes of every tensor of a checkpoint or adapter directory. */
@@ -422,27 +558,37 @@ static int xp_read_prompts(const char *path, char ***out, int *n)
 
 static int xp_fid_plot(const char *png, const xp_fid_row *rows, int nrows)
 {
-    char data[] = "/tmp/xprec-fid-XXXXXX";
-    int fd = mkstemp(data);
-    if (fd < 0) return xp_fail("cannot create a temporary file for the plot");
-    FILE *fp = fdopen(fd, "w");
-    for (int i = 0; i < nrows; i++) {
+    char dir[] = "/tmp/xprec-fid-XXXXXX", data[64], script[64];
+    if (!mkdtemp(dir)) return xp_fail("cannot create a scratch directory: %s", strerror(errno));
+    snprintf(data, sizeof data, "%s/kl.dat", dir);
+    snprintf(script, sizeof script, "%s/kl.gp", dir);
+    FILE *fd = fopen(data, "w"), *fs = fopen(script, "w");
+    int ok = fd && fs;
+    for (int i = 0; ok && i < nrows; i++) {
         char label[64];
         snprintf(label, sizeof label, rows[i].rank ? "%s r%d" : "%s", rows[i].method, rows[i].rank);
-        fprintf(fp, "%d \"%s\" %.6g\n", i, label, rows[i].mean_kl > 0 ? rows[i].mean_kl : 1e-12);
+        fprintf(fd, "%d \"%s\" %.6g\n", i, label, rows[i].mean_kl > 0 ? rows[i].mean_kl : 1e-12);
     }
-    fclose(fp);
-    char cmd[8192];
-    snprintf(cmd, sizeof cmd,
-             "gnuplot -e \"set terminal png size 1100,600; set output '%s'; set style fill solid; "
-             "set boxwidth 0.7; set logscale y; set format y '%%.0e'; set ylabel 'mean KL(gold || method)'; "
-             "set xtics rotate by -35; set title 'xprec fidelity'; "
-             "plot '%s' using 1:3:xtic(2) with boxes notitle\" 2>&1",
-             png, data);
-    int rc = system(cmd);
-    remove(data);
-    if (rc != 0) return xp_fail("gnuplot failed or is not installed (exit %d)", rc);
-    return 0;
+    if (ok)
+        fprintf(fs,
+                "set terminal png size 1100,600\n"
+                "set output '%s'\n"
+                "set style fill solid\n"
+                "set boxwidth 0.7\n"
+                "set logscale y\n"
+                "set format y '%%.0e'\n"
+                "set ylabel 'mean KL(gold || method)'\n"
+                "set xtics rotate by -35\n"
+                "set title 'xprec fidelity'\n"
+                "plot '%s' using 1:3:xtic(2) with boxes notitle\n",
+                png, data);
+    ok = fd && fclose(fd) == 0 && ok;
+    ok = fs && fclose(fs) == 0 && ok;
+    int rc = ok ? xp_run_gnuplot(script, png) : xp_fail("%s: cannot write", dir);
+    unlink(data);
+    unlink(script);
+    rmdir(dir);
+    return rc;
 }
 
 int xp_cmd_fidelity(int argc, char **argv)
@@ -464,7 +610,7 @@ int xp_cmd_fidelity(int argc, char **argv)
                   "chat: each prompt as a user turn in ChatML, thinking off\n"
                   "(the default); text: as the start of a document, after\n"
                   "<|endoftext|> (for base models)"),
-        XP_INTS("ranks", &ranks, 1, 256, XP_FID_MAX_RANKS, "R,R,...",
+        XP_INTS("ranks", &ranks, 1, XP_MAX_LORA_RANK, XP_FID_MAX_RANKS, "R,R,...",
                 "adapter ranks for Methods A and B (default 16,64,256)"),
         XP_LIST("energy", &energies, XP_FID_MAX_RANKS, "F",
                 "also A and B adapters that keep the share F of each\n"
@@ -502,10 +648,20 @@ int xp_cmd_fidelity(int argc, char **argv)
                  "weight bytes. With --heldout, also each method's loss on held-out domain\n"
                  "text, the retention of the fine-tune's gain, and top-1 agreement with the\n"
                  "fine-tune along that text; with --heldout-general, loss and forgetting on\n"
-                 "general text. Each document is scored alone after <|endoftext|>.\n",
+                 "general text. Each document is scored alone after <|endoftext|>. The\n"
+                 "adapters and the quantized fine-tune are kept in --cache, each with\n"
+                 "xprec-made-from.json (the inputs' paths, file sizes and times, and the\n"
+                 "options): one is reused only when this run would make it from the same.\n",
         .opts = opts};
     int st = xp_cmd_parse(&cmd, argc, argv);
     if (st >= 0) return st;
+    xp_svd_method sm;
+    if (xp_svd_method_parse(svd, &sm) < 0) {
+        fprintf(stderr, "xprec fidelity: --svd is auto, exact or randomized, got \"%s\"\n", svd);
+        return 2;
+    }
+    /* fail before the work, not after it */
+    if (plot && (st = xp_plot_check("fidelity", plot)) != 0) return st;
     a.svd = svd;
     a.tokens = (int)tokens;
     a.threads = threads ? (int)threads : xp_cpu_count();
@@ -530,7 +686,7 @@ int xp_cmd_fidelity(int argc, char **argv)
     xp_fid_model f = {0};
     cJSON *report = NULL;
     if (!adir || !rows) goto oom;
-    if (xp_read_prompts(prompts, &texts, &ntexts) < 0) goto fail;
+    if (xp_fid_check_inputs(&a) < 0 || xp_read_prompts(prompts, &texts, &ntexts) < 0) goto fail;
     if (xp_build_artifacts(&a, adir, tuned_fp8) < 0) goto fail;
     if (!(tok = xp_tokenizer_load(a.tuned))) goto fail;
     int32_t eot = xp_tokenizer_token_id(tok, "<|endoftext|>");

@@ -1,21 +1,23 @@
 /* xprec keyhash: the SHA-256 of an API key read on stdin, as nginx.conf's key_sha256= and
  * xprec_admin_key_sha256 want it. The key never appears on a command line (where ps and shell
  * history would keep it); a trailing newline is not part of it. */
+#include "cli.h"
 #include "commands.h"
 
 #include <openssl/evp.h>
 #include <stdio.h>
-#include <string.h>
 
 int xp_cmd_keyhash(int argc, char **argv)
 {
-    if (argc > 1) {
-        FILE *fp = strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ? stdout : stderr;
-        fprintf(fp, "usage: printf %%s KEY | xprec keyhash\n\n"
-                    "Prints the SHA-256 (hex) of the key read on stdin, for xprec_tenant's\n"
-                    "key_sha256= and xprec_admin_key_sha256. A final newline is dropped.\n");
-        return fp == stdout ? 0 : 2;
-    }
+    xp_opt opts[] = {XP_OPT_END};
+    const xp_cmd cmd = {.name = "keyhash",
+                        .usage = "usage: printf %s KEY | xprec keyhash\n",
+                        .about = "Prints the SHA-256 (hex) of the key read on stdin, for\n"
+                                 "xprec_tenant's key_sha256= and xprec_admin_key_sha256. A\n"
+                                 "final newline is dropped.\n",
+                        .opts = opts};
+    int rc = xp_cmd_parse(&cmd, argc, argv);
+    if (rc >= 0) return rc;
     unsigned char key[4096], md[EVP_MAX_MD_SIZE];
     size_t n = fread(key, 1, sizeof key, stdin);
     if (!feof(stdin)) {

@@ -7,17 +7,9 @@
 #include "util/fsutil.h"
 #include "util/xp_error.h"
 
-#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* Both directories resolve to the same place: writing would destroy the input. */
-static int xp_same_dir(const char *a, const char *b)
-{
-    char ra[PATH_MAX], rb[PATH_MAX];
-    return realpath(a, ra) && realpath(b, rb) && strcmp(ra, rb) == 0;
-}
 
 /* config.json of in_dir with q's quantization_config, written to out_dir. */
 static int xp_write_config(const char *in_dir, const char *out_dir, const xp_quant_config *q)
@@ -163,7 +155,7 @@ done:
 int xp_cmd_quantize(int argc, char **argv)
 {
     const char *in = NULL, *out = NULL, *block = NULL, *ignore = NULL;
-    int format = 0;
+    int format = 0, force = 0;
     long shard_mb = XP_DEFAULT_SHARD_MB;
     xp_opt opts[] = {
         XP_STR_REQ("in", &in, "DIR", "the BF16 checkpoint"),
@@ -176,12 +168,13 @@ int xp_cmd_quantize(int argc, char **argv)
                "linear modules kept as they are\n"
                "(e.g. model.layers.0.mlp.down_proj or re:.*down_proj)"),
         XP_OPT_MAX_SHARD(&shard_mb),
+        XP_OPT_FORCE(&force),
         XP_OPT_END};
     const xp_cmd cmd = {
         .name = "quantize",
         .usage = "usage: xprec quantize --in DIR --out DIR [--block N|RxC] [--format "
                  "qwen|compressed-tensors]\n"
-                 "                      [--ignore MODULE,re:REGEX,...] [--max-shard-mb N]\n",
+                 "                      [--ignore MODULE,re:REGEX,...] [--max-shard-mb N] [--force]\n",
         .about = "BF16 -> FP8 E4M3 with one scale per block (default 128x128): s = amax/448,\n"
                  "q = sat(W/s). Norms, embeddings and lm_head stay as they are, as do the\n"
                  "linear modules --ignore names.\n",
@@ -208,13 +201,16 @@ int xp_cmd_quantize(int argc, char **argv)
         q.ignore[q.nignore++] = strdup(tok);
     }
     free(list);
-    if (xp_same_dir(in, out)) {
+    if (xp_same_path(in, out)) {
         fprintf(stderr, "xprec quantize: --out must differ from --in\n");
         rc = 2;
         goto out;
     }
-    if (xp_mkdir(out) < 0 || xp_quantize(in, out, &q, max_shard) < 0) {
+    xp_outdir od;
+    if (xp_outdir_begin(&od, out, force) < 0 || xp_quantize(in, od.tmp, &q, max_shard) < 0 ||
+        xp_outdir_commit(&od) < 0) {
         fprintf(stderr, "xprec quantize: %s\n", xp_last_error());
+        xp_outdir_abort(&od);
         goto out;
     }
     rc = 0;
@@ -296,17 +292,19 @@ done:
 int xp_cmd_dequantize(int argc, char **argv)
 {
     const char *in = NULL, *out = NULL;
-    int dtype = 0;
+    int dtype = 0, force = 0;
     long shard_mb = XP_DEFAULT_SHARD_MB;
     xp_opt opts[] = {
         XP_STR_REQ("in", &in, "DIR", "the FP8 checkpoint"),
         XP_STR_REQ("out", &out, "DIR", "the checkpoint to write"),
         XP_CHOICE("dtype", &dtype, "bf16|f32", "dtype of the dequantized weights (default bf16)"),
         XP_OPT_MAX_SHARD(&shard_mb),
+        XP_OPT_FORCE(&force),
         XP_OPT_END};
     const xp_cmd cmd = {
         .name = "dequantize",
-        .usage = "usage: xprec dequantize --in DIR --out DIR [--dtype bf16|f32] [--max-shard-mb N]\n",
+        .usage = "usage: xprec dequantize --in DIR --out DIR [--dtype bf16|f32] [--max-shard-mb N]\n"
+                 "                        [--force]\n",
         .about = "FP8 block checkpoint -> BF16 (the \"bridge model\"), or F32 to keep dequantized\n"
                  "values exact; scale tensors and quantization_config are dropped.\n",
         .opts = opts};
@@ -314,12 +312,15 @@ int xp_cmd_dequantize(int argc, char **argv)
     if (rc >= 0) return rc;
     xp_dtype odt = dtype ? XP_F32 : XP_BF16;
     size_t max_shard = (size_t)shard_mb << 20;
-    if (xp_same_dir(in, out)) {
+    if (xp_same_path(in, out)) {
         fprintf(stderr, "xprec dequantize: --out must differ from --in\n");
         return 2;
     }
-    if (xp_mkdir(out) < 0 || xp_dequantize(in, out, odt, max_shard) < 0) {
+    xp_outdir od;
+    if (xp_outdir_begin(&od, out, force) < 0 || xp_dequantize(in, od.tmp, odt, max_shard) < 0 ||
+        xp_outdir_commit(&od) < 0) {
         fprintf(stderr, "xprec dequantize: %s\n", xp_last_error());
+        xp_outdir_abort(&od);
         return 1;
     }
     return 0;

@@ -2,6 +2,7 @@
  * "fine-tunes" of them (base + a known rank-K update + optional dense noise) that stand in for a
  * real fine-tune when testing extraction and fidelity. */
 #include "format/checkpoint.h"
+#include "tokenizer/tokenizer.h"
 #include "cli.h"
 #include "commands.h"
 #include "util/rng.h"
@@ -230,10 +231,32 @@ done:
     return rc;
 }
 
+/* A new random checkpoint in o->out: config, generation config, weights, tokenizer. */
+static int xp_synth_new(const xp_synth_opts *o)
+{
+    /* check the shape by the same rules every reader applies */
+    char *cfg = xp_qwen3_config_json(&o->cfg);
+    xp_qwen3_config check;
+    int bad = !cfg || xp_qwen3_config_parse(cfg, &check, NULL) < 0 ||
+              xp_write_text(o->out, "config.json", cfg) < 0;
+    free(cfg);
+    if (bad || xp_write_text(o->out, "generation_config.json", xp_generation_config) < 0 ||
+        xp_synth_base(o) < 0)
+        return -1;
+    static const char *const files[] = {"tokenizer.json", "tokenizer_config.json"};
+    for (int i = 0; o->tokenizer && i < 2; i++) {
+        char src[4096], dst[4096];
+        snprintf(src, sizeof src, "%s/%s", o->tokenizer, files[i]);
+        snprintf(dst, sizeof dst, "%s/%s", o->out, files[i]);
+        if (xp_copy_file(src, dst) < 0) return -1;
+    }
+    return 0;
+}
+
 int xp_cmd_synth(int argc, char **argv)
 {
     xp_synth_opts o = {0};
-    int preset = -1, tied = 0, untied = 0;
+    int preset = -1, tied = 0, untied = 0, force = 0;
     long seed = 0, shard_mb = XP_DEFAULT_SHARD_MB;
     long dims[7] = {-1, -1, -1, -1, -1, -1, -1};
     xp_opt opts[] = {
@@ -260,6 +283,7 @@ int xp_cmd_synth(int argc, char **argv)
         XP_NUM("embed-delta", &o.embed_delta, 0, 10, "F",
                "embeddings and lm_head moved by a relative F"),
         XP_OPT_MAX_SHARD(&shard_mb),
+        XP_OPT_FORCE(&force),
         XP_OPT_END};
     const xp_cmd cmd = {
         .name = "synth",
@@ -268,7 +292,8 @@ int xp_cmd_synth(int argc, char **argv)
             "                   [--hidden N] [--intermediate N] [--layers N] [--heads N]\n"
             "                   [--kv-heads N] [--head-dim N] [--vocab N] [--tied|--untied]\n"
             "       xprec synth --tuned-from BASE --delta-rank K --delta-scale S [--noise E]\n"
-            "                   [--norm-delta F] [--embed-delta F] --out DIR [--seed N]\n",
+            "                   [--norm-delta F] [--embed-delta F] --out DIR [--seed N]\n"
+            "       either with [--max-shard-mb N] [--force]\n",
         .about = "A random BF16 Qwen3 checkpoint (weights ~N(0, 0.02), norms ~1), deterministic for a\n"
                  "seed; or a fine-tune of BASE: every linear weight W plus a planted rank-K update\n"
                  "with ||dW|| = S ||W|| and dense noise with ||N|| = E ||W||; norms scaled by\n"
@@ -297,28 +322,20 @@ int xp_cmd_synth(int argc, char **argv)
             if (dims[i] > 0) *f[i] = (int)dims[i];
         if (tied || untied) o.cfg.tie_word_embeddings = tied;
     }
-    if (xp_mkdir(o.out) < 0) goto fail;
-    if (o.tuned_from) {
-        if (xp_synth_tuned(&o) < 0) goto fail;
-        return 0;
-    }
-    /* check the shape by the same rules every reader applies */
-    char *cfg = xp_qwen3_config_json(&o.cfg);
-    xp_qwen3_config check;
-    int bad = !cfg || xp_qwen3_config_parse(cfg, &check, NULL) < 0 ||
-              xp_write_text(o.out, "config.json", cfg) < 0;
-    free(cfg);
-    if (bad || xp_write_text(o.out, "generation_config.json", xp_generation_config) < 0 ||
-        xp_synth_base(&o) < 0)
-        goto fail;
+    if (o.tuned_from && xp_same_path(o.tuned_from, o.out))
+        return xp_cmd_usage_error(&cmd, "--out must differ from --tuned-from");
+    xp_outdir od;
+    /* a tokenizer that would not load fails now, not after the weights are written */
     if (o.tokenizer) {
-        static const char *const files[] = {"tokenizer.json", "tokenizer_config.json"};
-        for (int i = 0; i < 2; i++) {
-            char src[4096], dst[4096];
-            snprintf(src, sizeof src, "%s/%s", o.tokenizer, files[i]);
-            snprintf(dst, sizeof dst, "%s/%s", o.out, files[i]);
-            if (xp_copy_file(src, dst) < 0) goto fail;
-        }
+        xp_tokenizer *tk = xp_tokenizer_load(o.tokenizer);
+        if (!tk) goto fail;
+        xp_tokenizer_free(tk);
+    }
+    if (xp_outdir_begin(&od, o.out, force) < 0) goto fail;
+    o.out = od.tmp;
+    if ((o.tuned_from ? xp_synth_tuned(&o) : xp_synth_new(&o)) < 0 || xp_outdir_commit(&od) < 0) {
+        xp_outdir_abort(&od);
+        goto fail;
     }
     return 0;
 fail:

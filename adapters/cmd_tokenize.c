@@ -3,17 +3,46 @@
 #include "commands.h"
 #include "tokenizer/chat.h"
 #include "tokenizer/tokenizer.h"
+#include "util/fsutil.h"
 #include "util/xp_error.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct {
     const xp_tokenizer *tok;
     int decode, stream, allow_special;
+    /* ids to decode are below this: the model's rows. Without a config.json nothing says how
+     * many rows a model has, and ids without a token decode to nothing, as in generation. */
+    long vocab;
 } xp_tk_opts;
+
+/* config.json's vocab_size when the directory has one (the model's rows: ids a model can
+ * produce, padding rows without a token included); 0 without a config.json. */
+static int xp_model_vocab(const char *dir, long *vocab)
+{
+    *vocab = 0;
+    char *path = xp_path_join(dir, "config.json");
+    if (!path) return xp_fail("out of memory");
+    int rc = 0;
+    if (access(path, F_OK) == 0) {
+        char *text = xp_read_text_file(path, 1u << 20);
+        cJSON *cfg = text ? cJSON_Parse(text) : NULL;
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, "vocab_size");
+        if (!text) rc = -1;
+        else if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble > INT32_MAX ||
+                 v->valuedouble != (double)(long)v->valuedouble)
+            rc = xp_fail("%s: vocab_size is missing or not a positive integer", path);
+        else *vocab = (long)v->valuedouble;
+        cJSON_Delete(cfg);
+        free(text);
+    }
+    free(path);
+    return rc;
+}
 
 static void xp_put_json_string(const char *s, size_t n)
 {
@@ -113,6 +142,10 @@ static int xp_jsonl_line(const xp_tk_opts *o, const char *line, size_t len)
             if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > INT32_MAX ||
                 e->valuedouble != (double)e->valueint)
                 rc = xp_fail("expected a list of token ids (integers from 0)");
+            else if (o->vocab && e->valueint >= o->vocab)
+                rc = xp_fail("id %d is outside the vocabulary: the model has ids 0..%ld "
+                             "(config.json's vocab_size %ld)",
+                             e->valueint, o->vocab - 1, o->vocab);
             else
                 ids[i++] = e->valueint;
         }
@@ -214,6 +247,11 @@ int xp_cmd_tokenize(int argc, char **argv)
         return 1;
     }
     o.tok = tok;
+    if (xp_model_vocab(model, &o.vocab) < 0) {
+        fprintf(stderr, "xprec tokenize: %s\n", xp_last_error());
+        xp_tokenizer_free(tok);
+        return 1;
+    }
     int status = 0;
     if (info) xp_print_info(tok);
     else if (jsonl) status = xp_jsonl(&o, jsonl);

@@ -71,7 +71,7 @@ for run in randomized:2 randomized:4 exact:0; do
     [ "$svd" = randomized ] && label="rand q=$q"
     [ "$svd" = exact ] && [ "${SKIP_EXACT_BIG:-0}" = 1 ] && continue
     /usr/bin/time -f '%e %M' -o "$W/time.txt" $X extract --base "$B/base" --tuned "$B/tuned" \
-        --out "$B/ad-$svd" --rank 256 --targets down_proj --svd "$svd" --power-iters "$q" \
+        --out "$B/ad-$svd" --force --rank 256 --targets down_proj --svd "$svd" --power-iters "$q" \
         --report "$B/$svd-$q.json" >/dev/null
     read -r secs kb <"$W/time.txt"
     module_row "$B/$svd-$q.json" "$label"
@@ -96,7 +96,7 @@ S=$W/small
         --out "$W/small-tuned" --seed 2
 for svd in randomized exact; do
     /usr/bin/time -f '%e %M' -o "$W/time.txt" $X extract --base "$S" --tuned "$W/small-tuned" \
-        --out "$W/small-ad-$svd" --rank 64 --svd "$svd" --report "$W/small-$svd.json" >/dev/null
+        --out "$W/small-ad-$svd" --force --rank 64 --svd "$svd" --report "$W/small-$svd.json" >/dev/null
     read -r secs kb <"$W/time.txt"
     python3 - "$W/small-$svd.json" "$svd" "$secs" "$kb" <<'EOF'
 import json, sys
@@ -114,7 +114,7 @@ done
 # --- Method B on the same fine-tune, and analyze for both adapters against the FP8 base
 [ -f "$W/small-fp8/model.safetensors" ] || $X quantize --in "$S" --out "$W/small-fp8" >/dev/null
 /usr/bin/time -f '%e %M' -o "$W/time.txt" $X extract --base "$W/small-fp8" --tuned "$W/small-tuned" \
-    --out "$W/small-ad-B" --rank 64 --report "$W/small-B.json" >/dev/null
+    --out "$W/small-ad-B" --force --rank 64 --report "$W/small-B.json" >/dev/null
 read -r secs kb <"$W/time.txt"
 python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['summary']; print(f'small preset, Method B (FP8 base) rank 64: {float(sys.argv[2]):.1f} s, peak RSS {int(sys.argv[3])//1024} MB, relative residual mean {s[\"mean_relative_residual\"]:.4f}')" \
     "$W/small-B.json" "$secs" "$kb"

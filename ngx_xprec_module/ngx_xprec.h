@@ -91,6 +91,17 @@ typedef struct {
 
     u_char                     *engine_file;    /* where xprec_engine was, for later errors */
     ngx_uint_t                  engine_line;
+
+    /* xprec_redis */
+    ngx_flag_t                  redis;
+    u_char                     *redis_host;     /* an IP, NUL-terminated; NULL for a socket */
+    ngx_int_t                   redis_port;
+    u_char                     *redis_unix;
+    ngx_str_t                   redis_password;
+    ngx_int_t                   redis_db;
+    ngx_msec_t                  redis_timeout;
+    ngx_flag_t                  redis_deny;     /* on_error=deny */
+    ngx_str_t                   node;           /* this gateway's name in the fleet */
 } ngx_xprec_main_conf_t;
 
 
@@ -98,7 +109,8 @@ enum {
     NGX_XPREC_LOC_NONE = 0,
     NGX_XPREC_LOC_OPENAI,
     NGX_XPREC_LOC_ADMIN,
-    NGX_XPREC_LOC_ERROR
+    NGX_XPREC_LOC_ERROR,
+    NGX_XPREC_LOC_METRICS
 };
 
 
@@ -120,6 +132,8 @@ struct ngx_xprec_runtime_adapter_s {
     char                        **tenants;
     ngx_flag_t                    loading;      /* registration still in flight */
     uint64_t                      ticket;       /* its engine ticket while loading */
+    ngx_flag_t                    shared;       /* in the Redis registry (else this node's) */
+    ngx_flag_t                    broken;       /* from the registry, but it would not load */
 };
 
 
@@ -137,6 +151,7 @@ typedef struct {
 
 
 typedef struct ngx_xprec_ctx_s  ngx_xprec_ctx_t;
+typedef struct ngx_xprec_qreq_s  ngx_xprec_qreq_t;
 
 struct ngx_xprec_ctx_s {
     ngx_rbtree_node_t           node;           /* key: the engine's request id */
@@ -200,6 +215,16 @@ struct ngx_xprec_ctx_s {
 
     /* admin: the adapter being loaded */
     ngx_xprec_runtime_adapter_t *loading;
+
+    /* quotas (ngx_xprec_quota.c) */
+    unsigned                    limited:1;      /* the tenant has limits: admit through Redis */
+    unsigned                    reserved:1;     /* Redis holds a reservation for it */
+    unsigned                    counted:1;      /* its usage has been recorded */
+    unsigned                    rl_valid:1;     /* the x-ratelimit-* values below are set */
+    ngx_xprec_qreq_t           *qreq;           /* a reservation on its way */
+    ngx_msec_t                  touched;        /* when the reservation was last renewed */
+    int64_t                     rl[6];          /* limit/remaining/reset of requests, tokens */
+    int                         bound;          /* tokens reserved: prompt + max_tokens */
 };
 
 
@@ -216,6 +241,7 @@ typedef struct {
     ngx_uint_t                 *in_flight;      /* per tenant */
     ngx_xprec_runtime_adapter_t *runtime;
     ngx_msec_t                  exit_start;     /* when graceful shutdown began */
+    ngx_flag_t                  exiting;        /* exit_process has begun */
 } ngx_xprec_worker_t;
 
 
@@ -278,6 +304,30 @@ void ngx_xprec_admin_on_event(ngx_xprec_ctx_t *ctx, xp_event *ev);
 ngx_xprec_runtime_adapter_t *ngx_xprec_runtime_find(const char *name, size_t len);
 /* an adapter registration ended: its record is kept or dropped; 1 if ev was one */
 ngx_flag_t ngx_xprec_admin_ticket(xp_event *ev);
+
+/* ngx_xprec_quota.c: admission through Redis and usage accounting */
+ngx_int_t ngx_xprec_quota_init(ngx_cycle_t *cycle, ngx_xprec_main_conf_t *mcf);
+void ngx_xprec_quota_exit(void);
+/* the prompt is tokenized: admit it (NGX_OK, ready now), or NGX_AGAIN (an answer will call
+ * ngx_xprec_prompt_ready or end the request) */
+ngx_int_t ngx_xprec_quota_admit(ngx_xprec_ctx_t *ctx);
+/* the request ends: record its usage (in Redis, or kept until Redis is back) */
+void ngx_xprec_quota_end(ngx_xprec_ctx_t *ctx, ngx_uint_t status);
+void ngx_xprec_quota_detach(ngx_xprec_ctx_t *ctx);
+void ngx_xprec_quota_tick(ngx_xprec_ctx_t *ctx);
+ngx_int_t ngx_xprec_quota_headers(ngx_http_request_t *r);
+/* an engine request whose client went away ended: its usage, with the engine's counts */
+ngx_flag_t ngx_xprec_quota_orphan_event(xp_event *ev);
+void ngx_xprec_quota_orphan(ngx_xprec_ctx_t *ctx);
+ngx_flag_t ngx_xprec_tenant_limited(ngx_xprec_tenant_t *t);
+
+/* ngx_xprec_handler.c, for the quota step */
+void ngx_xprec_prompt_ready(ngx_xprec_ctx_t *ctx);
+void ngx_xprec_refuse(ngx_xprec_ctx_t *ctx, ngx_uint_t status, const char *type,
+    const char *code, const char *msg, ngx_msec_t retry_ms);
+
+/* ngx_xprec_metrics.c */
+ngx_int_t ngx_xprec_metrics_handler(ngx_http_request_t *r);
 
 /* ngx_xprec_vars.c */
 ngx_int_t ngx_xprec_add_variables(ngx_conf_t *cf);

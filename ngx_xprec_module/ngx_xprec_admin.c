@@ -11,6 +11,7 @@
  */
 
 #include "ngx_xprec.h"
+#include "ngx_xprec_redis.h"
 
 
 static void ngx_xprec_admin_body(ngx_http_request_t *r);
@@ -78,6 +79,20 @@ ngx_xprec_admin_ticket(xp_event *ev)
 
     if (ev->type == XP_EV_DONE) {
         a->loading = 0;
+        if (!a->shared) {
+            /* loaded here through the admin API: every gateway of the fleet serves it */
+            ngx_xprec_fleet_loaded(a);
+        }
+
+    } else if (a->shared) {
+        /* a registry entry this node cannot load: kept (not served) so it is not retried
+         * every few seconds */
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "xprec: registry adapter \"%s\" does not load here: %s", a->name,
+                      ev->error);
+        a->loading = 0;
+        a->broken = 1;
+
     } else {
         ngx_xprec_runtime_unlink(a);
         ngx_xprec_runtime_free(a);
@@ -91,6 +106,158 @@ static const char *
 ngx_xprec_tier_name(xp_adapter_tier t)
 {
     return t == XP_TIER_RESIDENT ? "resident" : t == XP_TIER_LOADING ? "loading" : "disk";
+}
+
+
+/* ------------------------------------------------------------------ the fleet, from Redis */
+
+/* a status waiting for Redis; outlives its request if the client goes */
+typedef struct {
+    ngx_http_request_t  *r;
+    ngx_http_cleanup_t  *cln;
+    cJSON               *root;
+    cJSON               *fleet;
+    ngx_uint_t           waiting;
+} ngx_xprec_fleet_status_t;
+
+
+static void
+ngx_xprec_fleet_status_cleanup(void *data)
+{
+    ngx_xprec_fleet_status_t  *fs = data;
+
+    fs->r = NULL;
+}
+
+
+static void
+ngx_xprec_fleet_status_done(ngx_xprec_fleet_status_t *fs)
+{
+    if (--fs->waiting) {
+        return;
+    }
+
+    if (fs->r && !ngx_xprec_worker.exiting) {
+        fs->cln->handler = NULL;
+        ngx_http_finalize_request(fs->r, ngx_xprec_send_json(fs->r, NGX_HTTP_OK, fs->root));
+    } else {
+        cJSON_Delete(fs->root);
+    }
+
+    free(fs);
+}
+
+
+static void
+ngx_xprec_fleet_nodes(void *data, redisReply *r)
+{
+    ngx_xprec_fleet_status_t  *fs = data;
+    cJSON                     *nodes;
+    size_t                     i;
+
+    nodes = cJSON_AddArrayToObject(fs->fleet, "nodes");
+    for (i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++) {
+        if (r->element[i]->type == REDIS_REPLY_STRING) {
+            cJSON_AddItemToArray(nodes, cJSON_CreateString(r->element[i]->str));
+        }
+    }
+    if (r == NULL) {
+        cJSON_AddStringToObject(fs->fleet, "error", "Redis did not answer");
+    }
+
+    ngx_xprec_fleet_status_done(fs);
+}
+
+
+static void
+ngx_xprec_fleet_residency(void *data, redisReply *r)
+{
+    ngx_xprec_fleet_status_t  *fs = data;
+    cJSON                     *list, *e;
+    size_t                     i;
+    char                       node[160], val[128], *bar, *f[7];
+    int                        k;
+
+    list = cJSON_AddArrayToObject(fs->fleet, "residency");
+    for (i = 0; r && r->type == REDIS_REPLY_ARRAY && i + 1 < r->elements; i += 2) {
+        if (r->element[i]->type != REDIS_REPLY_STRING
+            || r->element[i + 1]->type != REDIS_REPLY_STRING)
+        {
+            continue;
+        }
+        ngx_cpystrn((u_char *) node, (u_char *) r->element[i]->str, sizeof(node));
+        bar = strrchr(node, '|');
+        if (bar == NULL) {
+            continue;
+        }
+        *bar = '\0';
+        ngx_cpystrn((u_char *) val, (u_char *) r->element[i + 1]->str, sizeof(val));
+        f[0] = val;
+        for (k = 1; k < 7; k++) {
+            f[k] = f[k - 1] ? strchr(f[k - 1], '|') : NULL;
+            if (f[k]) {
+                *f[k]++ = '\0';
+            }
+        }
+        e = cJSON_CreateObject();
+        cJSON_AddStringToObject(e, "node", node);
+        cJSON_AddStringToObject(e, "adapter", bar + 1);
+        cJSON_AddStringToObject(e, "tier", f[0]);
+        cJSON_AddBoolToObject(e, "pinned", f[1] && f[1][0] == '1');
+        cJSON_AddNumberToObject(e, "loads", f[2] ? atof(f[2]) : 0);
+        cJSON_AddNumberToObject(e, "hits", f[3] ? atof(f[3]) : 0);
+        cJSON_AddNumberToObject(e, "misses", f[4] ? atof(f[4]) : 0);
+        cJSON_AddNumberToObject(e, "load_seconds", f[5] ? atof(f[5]) / 1000 : 0);
+        cJSON_AddNumberToObject(e, "idle_seconds", f[6] ? atof(f[6]) : 0);
+        cJSON_AddItemToArray(list, e);
+    }
+
+    ngx_xprec_fleet_status_done(fs);
+}
+
+
+/* The status with the fleet's residency: which node holds which adapter in which tier. */
+static ngx_int_t
+ngx_xprec_admin_fleet(ngx_http_request_t *r, ngx_xprec_main_conf_t *mcf, cJSON *root)
+{
+    ngx_xprec_fleet_status_t  *fs;
+    const char                *argv[4];
+    char                       now[32];
+    ngx_time_t                *tp = ngx_timeofday();
+
+    if (!mcf->redis) {
+        return ngx_xprec_send_json(r, NGX_HTTP_OK, root);
+    }
+
+    fs = calloc(1, sizeof(*fs));
+    if (fs == NULL || (fs->cln = ngx_http_cleanup_add(r, 0)) == NULL) {
+        free(fs);
+        return ngx_xprec_send_json(r, NGX_HTTP_OK, root);
+    }
+
+    fs->r = r;
+    fs->root = root;
+    fs->fleet = cJSON_AddObjectToObject(root, "fleet");
+    cJSON_AddStringToObject(fs->fleet, "node", ngx_xprec_fleet_node());
+    fs->cln->handler = ngx_xprec_fleet_status_cleanup;
+    fs->cln->data = fs;
+    fs->waiting = 3;
+    r->main->count++;
+    r->read_event_handler = ngx_http_test_reading;
+
+    ngx_snprintf((u_char *) now, sizeof(now) - 1, "%L%Z", (int64_t) tp->sec * 1000 + tp->msec);
+    argv[0] = "ZRANGEBYSCORE";
+    argv[1] = NGX_XPREC_NODES;
+    argv[2] = now;
+    argv[3] = "+inf";
+    (void) ngx_xprec_redis_command(4, argv, NULL, -1, ngx_xprec_fleet_nodes, fs);
+    argv[0] = "HGETALL";
+    argv[1] = NGX_XPREC_RESIDENCY;
+    (void) ngx_xprec_redis_command(2, argv, NULL, -1, ngx_xprec_fleet_residency, fs);
+
+    ngx_xprec_fleet_status_done(fs);
+
+    return NGX_DONE;
 }
 
 
@@ -174,7 +341,7 @@ ngx_xprec_admin_status(ngx_http_request_t *r, ngx_xprec_main_conf_t *mcf)
         cJSON_AddItemToArray(ts, t);
     }
 
-    return ngx_xprec_send_json(r, NGX_HTTP_OK, root);
+    return ngx_xprec_admin_fleet(r, mcf, root);
 }
 
 
@@ -473,7 +640,7 @@ ngx_xprec_admin_body(ngx_http_request_t *r)
     }
 
     a = ngx_xprec_runtime_find(name, len);
-    if (a == NULL || a->loading) {
+    if (a == NULL || a->loading || a->broken) {
         ngx_http_finalize_request(r, ngx_xprec_send_error(r, NGX_HTTP_NOT_FOUND,
                                   "NotFoundError", NULL, "lora_name",
                                   "The lora adapter '%s' cannot be found.", name));
@@ -482,6 +649,7 @@ ngx_xprec_admin_body(ngx_http_request_t *r)
 
     /* requests already running keep it; the engine frees it when they end */
     (void) xp_engine_remove_adapter(ngx_xprec_worker.engine, name);
+    ngx_xprec_fleet_unloaded(name);
     ngx_xprec_runtime_unlink(a);
 
     rc = ngx_xprec_admin_plain(r, "Success: LoRA adapter '%s' removed successfully.",

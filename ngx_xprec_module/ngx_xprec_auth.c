@@ -155,7 +155,7 @@ ngx_xprec_model_allowed(ngx_xprec_main_conf_t *mcf, ngx_xprec_tenant_t *t,
     }
 
     ra = ngx_xprec_runtime_find((const char *) model->data, model->len);
-    if (ra == NULL || ra->loading) {
+    if (ra == NULL || ra->loading || ra->broken) {
         return 0;
     }
 

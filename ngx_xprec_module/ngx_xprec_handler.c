@@ -81,15 +81,28 @@ ngx_xprec_cleanup(void *data)
         ctx->waiting = 0;
     }
 
+    if (ctx->qreq) {
+        /* Redis has not answered for it yet: that answer settles its reservation */
+        ngx_xprec_quota_detach(ctx);
+        ctx->counted = 1;
+    }
+
     if (ctx->in_tree) {
         /* the client went away: stop spending compute on it */
         if (!ctx->finished && ngx_xprec_worker.engine) {
             (void) xp_engine_cancel(ngx_xprec_worker.engine, ctx->id);
+            /* charged what was generated: the engine's last event for it will tell */
+            ngx_xprec_quota_orphan(ctx);
         }
         ngx_xprec_untrack(ctx);
         if (ctx->tenant && ngx_xprec_worker.in_flight[ctx->tenant->index]) {
             ngx_xprec_worker.in_flight[ctx->tenant->index]--;
         }
+    }
+
+    if (ctx->kind == NGX_XPREC_CHAT || ctx->kind == NGX_XPREC_COMPLETION) {
+        ngx_xprec_quota_end(ctx, ctx->r->headers_out.status ? ctx->r->headers_out.status
+                                                            : NGX_HTTP_CLIENT_CLOSED_REQUEST);
     }
 
     ngx_xprec_request_free(ctx);
@@ -182,6 +195,9 @@ ngx_xprec_models_json(ngx_xprec_main_conf_t *mcf, ngx_xprec_tenant_t *t, ngx_str
     }
 
     for (ra = ngx_xprec_worker.runtime; ra; ra = ra->next) {
+        if (ra->loading || ra->broken) {
+            continue;
+        }
         name.data = (u_char *) ra->name;
         name.len = ngx_strlen(ra->name);
 
@@ -387,6 +403,9 @@ ngx_xprec_body_handler(ngx_http_request_t *r)
     }
 
     ctx->req.adapter = adapter;
+    /* a limited tenant's request waits, tokenized, for its reservation */
+    ctx->limited = mcf->redis && ngx_xprec_tenant_limited(ctx->tenant);
+    ctx->req.hold = ctx->limited;
 
     rc = ctx->kind == NGX_XPREC_CHAT
              ? ngx_xprec_parse_chat(ctx, ctx->json, lcf->max_tokens, &err, &param)
@@ -936,6 +955,70 @@ ngx_xprec_stream_echo(ngx_xprec_ctx_t *ctx)
 }
 
 
+/* The request is admitted: a held one starts, a stream sends its headers and first chunk. */
+void
+ngx_xprec_prompt_ready(ngx_xprec_ctx_t *ctx)
+{
+    ngx_int_t  rc = NGX_OK;
+
+    if (ctx->req.hold && xp_engine_start(ngx_xprec_worker.engine, ctx->id) != NGX_OK) {
+        ngx_xprec_fail(ctx, NGX_HTTP_INTERNAL_SERVER_ERROR, "server_error", NULL,
+                       xp_last_error());
+        return;
+    }
+
+    if (!ctx->stream) {
+        return;
+    }
+
+    if (ngx_xprec_stream_start(ctx) != NGX_OK) {
+        ngx_xprec_finish(ctx, NGX_ERROR);
+        return;
+    }
+
+    if (ctx->kind == NGX_XPREC_CHAT) {
+        rc = ngx_xprec_send_chunk(ctx, "", 0, NULL, NULL, 1);
+    } else if (ctx->echo && !ctx->req.prompt_logprobs) {
+        rc = ngx_xprec_stream_echo(ctx);
+    }
+
+    if (rc == NGX_ERROR) {
+        ngx_xprec_finish(ctx, NGX_ERROR);
+    }
+}
+
+
+/* Not admitted (a quota, or the quota store unreachable): the held engine request goes, and
+ * the client is told why and when to come back. */
+void
+ngx_xprec_refuse(ngx_xprec_ctx_t *ctx, ngx_uint_t status, const char *type, const char *code,
+    const char *msg, ngx_msec_t retry_ms)
+{
+    ngx_table_elt_t  *h;
+    u_char           *p;
+
+    (void) xp_engine_cancel(ngx_xprec_worker.engine, ctx->id);
+    ngx_xprec_untrack(ctx);
+    if (ngx_xprec_worker.in_flight[ctx->tenant->index]) {
+        ngx_xprec_worker.in_flight[ctx->tenant->index]--;
+    }
+    ctx->completion_tokens = 0;
+
+    if (retry_ms) {
+        h = ngx_list_push(&ctx->r->headers_out.headers);
+        p = ngx_pnalloc(ctx->r->pool, NGX_INT_T_LEN);
+        if (h && p) {
+            h->hash = 1;
+            ngx_str_set(&h->key, "Retry-After");
+            h->value.data = p;
+            h->value.len = ngx_sprintf(p, "%M", (retry_ms + 999) / 1000) - p;
+        }
+    }
+
+    ngx_xprec_fail(ctx, status, type, code, msg);
+}
+
+
 void
 ngx_xprec_on_event(ngx_xprec_ctx_t *ctx, xp_event *ev)
 {
@@ -953,21 +1036,15 @@ ngx_xprec_on_event(ngx_xprec_ctx_t *ctx, xp_event *ev)
             ev->prompt_ids = NULL;
         }
 
-        if (!ctx->stream) {
-            return;
+        /* its size is known now: the quota step admits it, or refuses it, or answers later */
+        rc = ngx_xprec_quota_admit(ctx);
+        if (rc == NGX_OK) {
+            ngx_xprec_prompt_ready(ctx);
+        } else if (rc == NGX_ERROR) {
+            ngx_xprec_fail(ctx, NGX_HTTP_INTERNAL_SERVER_ERROR, "server_error", NULL,
+                           "out of memory");
         }
-
-        if (ngx_xprec_stream_start(ctx) != NGX_OK) {
-            ngx_xprec_finish(ctx, NGX_ERROR);
-            return;
-        }
-
-        if (ctx->kind == NGX_XPREC_CHAT) {
-            rc = ngx_xprec_send_chunk(ctx, "", 0, NULL, NULL, 1);
-        } else if (ctx->echo && !ctx->req.prompt_logprobs) {
-            rc = ngx_xprec_stream_echo(ctx);
-        }
-        break;
+        return;
 
     case XP_EV_PROMPT_LOGPROBS:
         free(ctx->prompt_lp);
@@ -1063,6 +1140,8 @@ ngx_xprec_tick(ngx_event_t *ev)
                        "the server is shutting down (worker_shutdown_timeout)");
         return;
     }
+
+    ngx_xprec_quota_tick(ctx);
 
     if (ctx->waiting) {
         mcf = ngx_http_get_module_main_conf(ctx->r, ngx_xprec_module);

@@ -22,6 +22,7 @@ static char *ngx_xprec_adapter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_xprec_tenant(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_xprec_admin_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_xprec_location(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_xprec_redis_conf(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 
 
 static ngx_command_t  ngx_xprec_commands[] = {
@@ -54,6 +55,13 @@ static ngx_command_t  ngx_xprec_commands[] = {
       0,
       NULL },
 
+    { ngx_string("xprec_redis"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_xprec_redis_conf,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("xprec_openai"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_xprec_location,
@@ -73,6 +81,13 @@ static ngx_command_t  ngx_xprec_commands[] = {
       ngx_xprec_location,
       NGX_HTTP_LOC_CONF_OFFSET,
       NGX_XPREC_LOC_ERROR,
+      NULL },
+
+    { ngx_string("xprec_metrics"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_xprec_location,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      NGX_XPREC_LOC_METRICS,
       NULL },
 
     { ngx_string("xprec_max_tokens"),
@@ -732,6 +747,138 @@ ngx_xprec_admin_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/* xprec_redis ADDR:PORT|unix:PATH [password=...] [db=N] [timeout=MS] [on_error=allow|deny]
+ * [node=NAME]: an address by IP (hiredis would resolve a name with a blocking call). */
+static char *
+ngx_xprec_redis_conf(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_xprec_main_conf_t  *mcf = conf;
+
+    ngx_str_t   *value, v, host;
+    ngx_uint_t   i;
+    ngx_int_t    n;
+    u_char      *colon, buf[NGX_SOCKADDR_STRLEN];
+    struct in6_addr  a6;
+
+    if (mcf->redis) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+    mcf->redis = 1;
+    mcf->redis_timeout = 1000;
+    mcf->redis_db = 0;
+    mcf->redis_deny = 0;
+
+    if (value[1].len > 5 && ngx_strncmp(value[1].data, "unix:", 5) == 0) {
+        mcf->redis_unix = ngx_xprec_cstr(cf, value[1].data + 5, value[1].len - 5);
+        if (mcf->redis_unix == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+    } else {
+        colon = ngx_strlchr(value[1].data, value[1].data + value[1].len, ']');
+        colon = ngx_strlchr(colon ? colon : value[1].data, value[1].data + value[1].len, ':');
+        while (colon && ngx_strlchr(colon + 1, value[1].data + value[1].len, ':')) {
+            colon = ngx_strlchr(colon + 1, value[1].data + value[1].len, ':');
+        }
+        if (colon == NULL) {
+            return "needs ADDR:PORT or unix:PATH";
+        }
+
+        host.data = value[1].data;
+        host.len = colon - value[1].data;
+        if (host.len > 2 && host.data[0] == '[' && host.data[host.len - 1] == ']') {
+            host.data++;
+            host.len -= 2;
+        }
+
+        n = ngx_atoi(colon + 1, value[1].data + value[1].len - colon - 1);
+        if (n < 1 || n > 65535) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"%V\": bad port", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+        mcf->redis_port = n;
+
+        if (host.len >= sizeof(buf)
+            || (ngx_inet_addr(host.data, host.len) == INADDR_NONE
+                && ngx_inet6_addr(host.data, host.len, a6.s6_addr) != NGX_OK))
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"%V\": an IP address is needed (a name would be resolved "
+                               "with a blocking call)", &host);
+            return NGX_CONF_ERROR;
+        }
+
+        mcf->redis_host = ngx_xprec_cstr(cf, host.data, host.len);
+        if (mcf->redis_host == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_xprec_opt(&value[i], "password", &v)) {
+            mcf->redis_password.data = ngx_xprec_cstr(cf, v.data, v.len);
+            mcf->redis_password.len = v.len;
+            if (mcf->redis_password.data == NULL) {
+                return NGX_CONF_ERROR;
+            }
+            continue;
+        }
+
+        if (ngx_xprec_opt(&value[i], "db", &v)) {
+            n = ngx_atoi(v.data, v.len);
+            if (n == NGX_ERROR || n > 1000000) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "db=\"%V\": a database number", &v);
+                return NGX_CONF_ERROR;
+            }
+            mcf->redis_db = n;
+            continue;
+        }
+
+        if (ngx_xprec_opt(&value[i], "timeout", &v)) {
+            n = ngx_atoi(v.data, v.len);
+            if (n < 1 || n > 60000) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "timeout=\"%V\": milliseconds, 1 to 60000", &v);
+                return NGX_CONF_ERROR;
+            }
+            mcf->redis_timeout = (ngx_msec_t) n;
+            continue;
+        }
+
+        if (ngx_xprec_opt(&value[i], "on_error", &v)) {
+            if (v.len == 5 && ngx_strncmp(v.data, "allow", 5) == 0) {
+                mcf->redis_deny = 0;
+            } else if (v.len == 4 && ngx_strncmp(v.data, "deny", 4) == 0) {
+                mcf->redis_deny = 1;
+            } else {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "on_error=\"%V\": expected allow or deny", &v);
+                return NGX_CONF_ERROR;
+            }
+            continue;
+        }
+
+        if (ngx_xprec_opt(&value[i], "node", &v)) {
+            if (ngx_xprec_name_ok(&v) != NGX_OK) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "node=\"%V\": 1 to 120 letters, digits or ._-:/", &v);
+                return NGX_CONF_ERROR;
+            }
+            mcf->node = v;
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "unknown parameter \"%V\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
 static char *
 ngx_xprec_init_main_conf(ngx_conf_t *cf, void *conf)
 {
@@ -772,6 +919,20 @@ ngx_xprec_init_main_conf(ngx_conf_t *cf, void *conf)
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                       "xprec_tenant needs an xprec_engine");
         return NGX_CONF_ERROR;
+    }
+
+    for (i = 0; i < mcf->tenants.nelts && !mcf->redis; i++) {
+        if (ngx_xprec_tenant_limited(&t[i])) {
+            ngx_log_error(NGX_LOG_WARN, cf->log, 0,
+                          "xprec_tenant \"%V\" has limits, which are enforced only with "
+                          "xprec_redis", &t[i].name);
+        }
+    }
+
+    if (mcf->node.len == 0) {
+        /* this gateway's name in the fleet: the host's */
+        mcf->node.data = (u_char *) cf->cycle->hostname.data;
+        mcf->node.len = cf->cycle->hostname.len;
     }
 
     return NGX_CONF_OK;
@@ -835,6 +996,7 @@ ngx_xprec_location(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
     clcf->handler = cmd->offset == NGX_XPREC_LOC_ADMIN ? ngx_xprec_admin_handler
                     : cmd->offset == NGX_XPREC_LOC_ERROR ? ngx_xprec_error_handler
+                    : cmd->offset == NGX_XPREC_LOC_METRICS ? ngx_xprec_metrics_handler
                     : ngx_xprec_openai_handler;
 
     return NGX_CONF_OK;

@@ -38,6 +38,10 @@ ngx_xprec_send_bytes(ngx_http_request_t *r, ngx_uint_t status, const char *type,
     b->last_buf = (r == r->main) ? 1 : 0;
     b->last_in_chain = 1;
 
+    if (ngx_xprec_quota_headers(r) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     rc = ngx_http_send_header(r);
     if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
         return rc;
@@ -147,6 +151,10 @@ ngx_xprec_stream_start(ngx_xprec_ctx_t *ctx)
     h->hash = 1;
     ngx_str_set(&h->key, "X-Accel-Buffering");
     ngx_str_set(&h->value, "no");
+
+    if (ngx_xprec_quota_headers(r) != NGX_OK) {
+        return NGX_ERROR;
+    }
 
     rc = ngx_http_send_header(r);
     if (rc == NGX_ERROR || rc > NGX_OK) {

@@ -14,6 +14,7 @@
  */
 
 #include "ngx_xprec.h"
+#include "ngx_xprec_redis.h"
 
 #include <pthread.h>
 #include <signal.h>
@@ -233,6 +234,14 @@ ngx_xprec_init_worker(ngx_cycle_t *cycle)
     ngx_xprec_starter_running = 1;
     ngx_xprec_worker.starting = 1;
 
+    ngx_xprec_fleet_init(cycle, mcf);
+
+    if (ngx_xprec_quota_init(cycle, mcf) != NGX_OK
+        || ngx_xprec_redis_init(cycle, mcf) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     return NGX_OK;
 }
 
@@ -263,6 +272,8 @@ ngx_xprec_started_handler(ngx_event_t *ev)
                       ngx_xprec_mcf->model_dir.data,
                       xp_engine_backend(ngx_xprec_worker.engine),
                       xp_engine_context(ngx_xprec_worker.engine));
+        /* the fleet's runtime adapters, from the registry */
+        ngx_xprec_fleet_sync();
     }
 
     /* the requests that waited */
@@ -350,7 +361,10 @@ ngx_xprec_queue_handler(ngx_event_t *ev)
         /* a runtime adapter's registration ends whether or not its client waits */
         (void) ngx_xprec_admin_ticket(&e);
 
-        if (ctx != NULL) {
+        if (ctx == NULL) {
+            /* a request whose client left: its usage, now that the engine counted it */
+            (void) ngx_xprec_quota_orphan_event(&e);
+        } else {
             if (ctx->kind == NGX_XPREC_ADMIN_LOAD) {
                 ngx_xprec_admin_on_event(ctx, &e);
             } else {
@@ -411,6 +425,12 @@ ngx_xprec_exit_worker(ngx_cycle_t *cycle)
     if (ngx_xprec_mcf == NULL) {
         return;
     }
+
+    ngx_xprec_worker.exiting = 1;
+    ngx_xprec_fleet_exit();
+    /* pending commands are answered NULL; their handlers only free what they own now */
+    ngx_xprec_redis_exit();
+    ngx_xprec_quota_exit();
 
     if (ngx_xprec_starter_running) {
         ngx_xprec_starter_quit = 1;

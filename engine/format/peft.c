@@ -10,22 +10,24 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define XP_PEFT_PREFIX "base_model.model."
 
-/* PEFT's pattern rule for rank_pattern/alpha_pattern keys and a string target_modules:
- * the key matches the module path itself or a dotted suffix of it. 1 match, 0 no, -1 bad. */
+/* 1 match, 0 no, -1 bad pattern. full: PEFT's rule for a string target_modules, re.fullmatch
+ * of the pattern against the module path. Otherwise its rule for rank_pattern/alpha_pattern
+ * keys: the key matches the module path itself or a dotted suffix of it. */
 static int xp_peft_pattern_match(const char *key, const char *module, int full)
 {
     char pat[1024];
-    snprintf(pat, sizeof pat, full ? "(?:%s)$" : "(?:.*\\.)?(?:%s)$", key);
+    snprintf(pat, sizeof pat, full ? "%s" : "(?:.*\\.)?(?:%s)", key);
     int err;
     PCRE2_SIZE off;
-    pcre2_code *re = pcre2_compile((PCRE2_SPTR)pat, PCRE2_ZERO_TERMINATED, 0, &err, &off, NULL);
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR)pat, PCRE2_ZERO_TERMINATED,
+                                   PCRE2_ANCHORED | PCRE2_ENDANCHORED, &err, &off, NULL);
     if (!re) return xp_fail("adapter_config.json: pattern \"%.200s\" is not a valid regex", key);
     pcre2_match_data *md = pcre2_match_data_create_from_pattern(re, NULL);
-    int m = md ? pcre2_match(re, (PCRE2_SPTR)module, strlen(module), 0, PCRE2_ANCHORED, md, NULL)
-               : -1;
+    int m = md ? pcre2_match(re, (PCRE2_SPTR)module, strlen(module), 0, 0, md, NULL) : -1;
     pcre2_match_data_free(md);
     pcre2_code_free(re);
     return m >= 0;
@@ -121,15 +123,22 @@ static int xp_peft_parse_config(xp_peft *p, const cJSON *root, const cJSON **tar
     return 0;
 }
 
-static int xp_peft_targeted(const cJSON *targets, const char *path, xp_module m)
+/* PEFT's target_modules: a list names modules by their path or a dotted suffix of it ("q_proj",
+ * "self_attn.q_proj"); a string is a regex matched against the whole path, except "all-linear"
+ * (any case), which is every linear layer but the output layer: here every q/k/v/o/gate/up/down
+ * projection. 1 targeted, 0 not, -1 bad pattern. */
+static int xp_peft_targeted(const cJSON *targets, const char *path)
 {
-    if (cJSON_IsString(targets)) return xp_peft_pattern_match(targets->valuestring, path, 1);
+    if (cJSON_IsString(targets)) {
+        if (strcasecmp(targets->valuestring, "all-linear") == 0) return 1;
+        return xp_peft_pattern_match(targets->valuestring, path, 1);
+    }
     const cJSON *t;
     cJSON_ArrayForEach(t, targets)
     {
         const char *s = t->valuestring;
         size_t lp = strlen(path), ls = strlen(s);
-        if (strcmp(s, xp_module_name(m)) == 0 || strcmp(s, path) == 0 ||
+        if (strcmp(s, path) == 0 ||
             (lp > ls && path[lp - ls - 1] == '.' && strcmp(path + lp - ls, s) == 0))
             return 1;
     }
@@ -197,8 +206,12 @@ static int xp_peft_collect(xp_peft *p, const cJSON *targets, const cJSON *rank_p
         if (!lm->A || !lm->B)
             return xp_fail("%s has lora_%s but no lora_%s", path, lm->A ? "A" : "B",
                            lm->A ? "B" : "A");
-        int tg = xp_peft_targeted(targets, path, lm->mod);
+        int tg = xp_peft_targeted(targets, path);
         if (tg < 0) return -1;
+        if (!tg && cJSON_IsString(targets))
+            return xp_fail("%s has LoRA weights but target_modules \"%.200s\" does not match it "
+                           "(a string is a regex for the whole module path, as in PEFT)",
+                           path, targets->valuestring);
         if (!tg) return xp_fail("%s has LoRA weights but target_modules does not name it", path);
         double r, alpha;
         if (xp_peft_pattern_value(rank_pat, path, p->r, &r) < 0 ||
@@ -233,7 +246,7 @@ int xp_peft_open(const char *dir, xp_peft **out)
     int text_ok = text != NULL;
     cJSON *root = text ? cJSON_Parse(text) : NULL;
     free(text);
-    const cJSON *targets, *rank_pat, *alpha_pat;
+    const cJSON *targets = NULL, *rank_pat = NULL, *alpha_pat = NULL;
     if (!root) {
         if (text_ok) xp_fail("adapter_config.json is not valid JSON");
         goto fail;

@@ -2,7 +2,8 @@
  * saves them and vLLM loads them. Module tensors are named
  * base_model.model.model.layers.{i}.{self_attn|mlp}.{q,k,v,o,gate,up,down}_proj.lora_{A,B}.weight
  * with A [r, in] and B [out, r]; the update is scale * B A, scale = alpha / r (or alpha / sqrt(r)
- * with use_rslora). */
+ * with use_rslora). target_modules is read as PEFT reads it: a list of module names or dotted
+ * path suffixes, a regex string matched against the whole module path, or "all-linear". */
 #ifndef XP_PEFT_H
 #define XP_PEFT_H
 

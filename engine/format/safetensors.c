@@ -41,12 +41,16 @@ int xp_tensor_bytes(xp_dtype t, int ndim, const int64_t *shape, uint64_t *nelem,
     return 0;
 }
 
-/* A JSON number that is an exact non-negative integer a double can hold. */
-static int xp_json_uint(const cJSON *v, uint64_t *out)
+/* A JSON number that is an exact non-negative integer a double holds exactly (below 2^53: far
+ * past any file). On failure, an error saying which of those it is not, after what. */
+static int xp_json_uint(const cJSON *v, const char *what, uint64_t *out)
 {
-    if (!cJSON_IsNumber(v)) return -1;
+    if (!cJSON_IsNumber(v)) return xp_fail("%s holds a non-number", what);
     double d = v->valuedouble;
-    if (!(d >= 0) || d > 9007199254740992.0 || d != floor(d)) return -1;
+    if (!(d >= 0)) return xp_fail("%s holds a negative value (%g)", what, d);
+    if (d > 9007199254740992.0)
+        return xp_fail("%s holds %.17g, too large for any tensor (the limit is 2^53)", what, d);
+    if (d != floor(d)) return xp_fail("%s holds a non-integer (%g)", what, d);
     *out = (uint64_t)d;
     return 0;
 }
@@ -107,14 +111,15 @@ static int xp_st_parse_entry(const cJSON *e, const unsigned char *data, size_t d
     cJSON_ArrayForEach(k, shape)
     {
         uint64_t d;
-        if (xp_json_uint(k, &d) < 0) return xp_fail("shape holds a non-integer or negative value");
+        if (xp_json_uint(k, "shape", &d) < 0) return -1;
         t->shape[t->ndim++] = (int64_t)d;
     }
     if (!cJSON_IsArray(offs) || cJSON_GetArraySize(offs) != 2)
         return xp_fail("\"data_offsets\" is not a pair");
     uint64_t b, end;
-    if (xp_json_uint(offs->child, &b) < 0 || xp_json_uint(offs->child->next, &end) < 0)
-        return xp_fail("\"data_offsets\" holds a non-integer or negative value");
+    if (xp_json_uint(offs->child, "\"data_offsets\"", &b) < 0 ||
+        xp_json_uint(offs->child->next, "\"data_offsets\"", &end) < 0)
+        return -1;
     if (b > end) return xp_fail("data_offsets [%llu, %llu) run backwards", (unsigned long long)b,
                                 (unsigned long long)end);
     if (end > data_size)

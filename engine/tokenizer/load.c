@@ -441,21 +441,99 @@ static int xp_load_rest(const cJSON *root)
     return 0;
 }
 
-static int xp_load_tokenizer_json(xp_tokenizer *t, const char *path)
+/* tokenizer_config.json's added_tokens_decoder ({"151643": {"content": ..., "special": ...}})
+ * as a list shaped like tokenizer.json's added_tokens; NULL when it has none. */
+static cJSON *xp_added_from_config(const cJSON *cfg)
 {
+    const cJSON *dec = cJSON_GetObjectItemCaseSensitive(cfg, "added_tokens_decoder");
+    if (!cJSON_IsObject(dec) || !dec->child) return NULL;
+    cJSON *list = cJSON_CreateArray();
+    const cJSON *e;
+    cJSON_ArrayForEach(e, dec)
+    {
+        char *end;
+        long id = strtol(e->string, &end, 10);
+        cJSON *a = cJSON_Duplicate(e, 1);
+        /* a key that is not an id stays without one, and the loader refuses the entry */
+        if (a && *e->string && !*end) cJSON_AddNumberToObject(a, "id", (double)id);
+        cJSON_AddItemToArray(list, a);
+    }
+    return list;
+}
+
+/* Where both files list the added tokens they must agree: a token that means one thing to the
+ * encoder and another to the chat template is a broken checkpoint, not one to guess about. */
+static int xp_check_added_agree(const cJSON *added, const cJSON *from_cfg)
+{
+    const cJSON *c, *a;
+    cJSON_ArrayForEach(c, from_cfg)
+    {
+        const cJSON *id = cJSON_GetObjectItemCaseSensitive(c, "id");
+        const char *cc = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "content"));
+        int found = 0;
+        cJSON_ArrayForEach(a, added)
+        {
+            const cJSON *aid = cJSON_GetObjectItemCaseSensitive(a, "id");
+            if (!cJSON_IsNumber(id) || !cJSON_IsNumber(aid) || aid->valuedouble != id->valuedouble)
+                continue;
+            const char *ac = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(a, "content"));
+            found = 1;
+            if (!cc || !ac || strcmp(cc, ac) != 0 || xp_flag(a, "special") != xp_flag(c, "special"))
+                return xp_fail("tokenizer.json's added_tokens and tokenizer_config.json's "
+                               "added_tokens_decoder disagree about id %.0f (\"%.60s\" / \"%.60s\")",
+                               id->valuedouble, ac ? ac : "?", cc ? cc : "?");
+        }
+        if (!found)
+            return xp_fail("tokenizer_config.json's added_tokens_decoder has \"%.60s\" (id %.0f), "
+                           "which tokenizer.json's added_tokens lacks",
+                           cc ? cc : "?", cJSON_IsNumber(id) ? id->valuedouble : -1.0);
+    }
+    return 0;
+}
+
+static int xp_load_tokenizer_json(xp_tokenizer *t, const char *dir)
+{
+    char *path = xp_path_join(dir, "tokenizer.json");
+    char *cpath = xp_path_join(dir, "tokenizer_config.json");
+    if (!path || !cpath) {
+        free(path);
+        free(cpath);
+        return xp_fail("out of memory");
+    }
     char *text = xp_read_text_file(path, XP_TOKENIZER_JSON_MAX);
-    if (!text) return -1;
-    cJSON *root = cJSON_Parse(text);
+    cJSON *root = text ? cJSON_Parse(text) : NULL, *cfg = NULL, *from_cfg = NULL;
+    int rc = 0;
+    if (!text) rc = -1;
+    else if (!root) rc = xp_fail("%s: not valid JSON", path);
     free(text);
-    if (!root) return xp_fail("%s: not valid JSON", path);
-    const cJSON *added = cJSON_GetObjectItemCaseSensitive(root, "added_tokens");
-    int rc = xp_load_model(t, cJSON_GetObjectItemCaseSensitive(root, "model"), added);
-    if (!rc) rc = xp_load_added(t, added);
-    if (!rc) rc = xp_load_normalizer(t, cJSON_GetObjectItemCaseSensitive(root, "normalizer"));
-    if (!rc) rc = xp_load_pretok(t, cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer"));
-    if (!rc) rc = xp_load_rest(root);
+    if (!rc) {
+        /* the config's own problems are reported when its stop token is read */
+        char *ctext = access(cpath, F_OK) == 0 ? xp_read_text_file(cpath, 16u << 20) : NULL;
+        cfg = ctext ? cJSON_Parse(ctext) : NULL;
+        free(ctext);
+        from_cfg = xp_added_from_config(cfg);
+        const cJSON *added = cJSON_GetObjectItemCaseSensitive(root, "added_tokens");
+        int none = !added || cJSON_IsNull(added) || (cJSON_IsArray(added) && !added->child);
+        if (none && !from_cfg)
+            rc = xp_fail("no added_tokens, and tokenizer_config.json has no added_tokens_decoder: "
+                         "the special tokens (<|im_start|>, <|im_end|>, ...) are unknown and "
+                         "would be encoded as plain text");
+        else if (none)
+            added = from_cfg; /* where Qwen's files list them too */
+        else if (from_cfg && cJSON_IsArray(added))
+            rc = xp_check_added_agree(added, from_cfg);
+        if (!rc) rc = xp_load_model(t, cJSON_GetObjectItemCaseSensitive(root, "model"), added);
+        if (!rc) rc = xp_load_added(t, added);
+        if (!rc) rc = xp_load_normalizer(t, cJSON_GetObjectItemCaseSensitive(root, "normalizer"));
+        if (!rc) rc = xp_load_pretok(t, cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer"));
+        if (!rc) rc = xp_load_rest(root);
+        if (rc) xp_fail_ctx("%s", path);
+    }
     cJSON_Delete(root);
-    if (rc) xp_fail_ctx("%s", path);
+    cJSON_Delete(cfg);
+    cJSON_Delete(from_cfg);
+    free(path);
+    free(cpath);
     return rc;
 }
 
@@ -532,16 +610,12 @@ static int xp_load_stops(xp_tokenizer *t, const char *dir)
 xp_tokenizer *xp_tokenizer_load(const char *dir)
 {
     xp_tokenizer *t = calloc(1, sizeof *t);
-    char *path = xp_path_join(dir, "tokenizer.json");
-    if (!t || !path) {
-        if (t) xp_fail("out of memory");
-        free(path);
-        free(t);
+    if (!t) {
+        xp_fail("out of memory");
         return NULL;
     }
     for (int i = 0; i < XP_CACHE_STRIPES; i++) pthread_mutex_init(&t->cache_lock[i].m, NULL);
-    int rc = xp_load_tokenizer_json(t, path);
-    free(path);
+    int rc = xp_load_tokenizer_json(t, dir);
     if (!rc) rc = xp_load_stops(t, dir);
     if (!rc && !(t->cache = calloc(XP_CACHE_SLOTS, sizeof *t->cache)))
         rc = xp_fail("out of memory");

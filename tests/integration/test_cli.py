@@ -68,3 +68,8 @@ def test_chat_forms_are_the_same_in_generate_and_tokenize(tiny):
     p = run("generate", "--model", tiny, "--chat",
             json.dumps({"messages": msgs, "add_generation_prompt": False}), check=False)
     assert p.returncode == 1 and "add_generation_prompt" in p.stderr
+
+
+def test_bench_blames_the_model(tmp_path):
+    p = run("bench", "--model", tmp_path / "nodir", "--adapters", 2, check=False)
+    assert p.returncode == 1 and "nodir/config.json" in p.stderr and "adapters" not in p.stderr

@@ -153,3 +153,36 @@ def test_generate_refuses_bad_requests(tiny, tmp_path):
     assert p.returncode == 1 and "rank 8 but the config says 16" in p.stderr
     p = run("generate", "--model", tiny, "--prompt", "hello " * 3000, "--kv-mb", 1, check=False)
     assert p.returncode == 1 and "the context holds" in p.stderr
+
+
+def peft_config_variant(src, d, **changes):
+    """A copy of the adapter src with adapter_config.json changed and written the way PEFT's
+    save_pretrained writes it (json.dumps with indent=2 and sorted keys)."""
+    os.makedirs(d, exist_ok=True)
+    cfg = json.load(open(src / "adapter_config.json"))
+    cfg.update(changes)
+    os.symlink(src / "adapter_model.safetensors", d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return d
+
+
+def test_string_target_modules_as_peft_reads_them(tiny, tiny_fp8, tmp_path):
+    """A string target_modules is "all-linear" (every linear layer but the output layer) or a
+    regex that must match the whole module path (re.fullmatch); both select exactly the modules
+    the adapter holds, and give the list form's logits bit for bit."""
+    ad = write_adapter(tiny, tmp_path / "ad")
+    want = score(tiny_fp8, tmp_path, adapter=ad)
+    strings = ["all-linear", "ALL-LINEAR", r".*\.(q_proj|v_proj|o_proj|gate_proj|down_proj)",
+               r"model\.layers\.\d+\.(self_attn\.[qvo]_proj|mlp\.(gate|down)_proj)", r".*"]
+    for i, tm in enumerate(strings):
+        v = peft_config_variant(ad, tmp_path / f"s{i}", target_modules=tm)
+        assert np.array_equal(score(tiny_fp8, tmp_path, adapter=v), want), tm
+    # a string that does not fullmatch a module the adapter holds: refused, naming both
+    for i, (tm, msg) in enumerate([("q_proj", "does not match"),
+                                   (r"model\.layers\.0\..*", "model.layers.1."),
+                                   (r".*\.(q|v)_proj", "does not match"),
+                                   ("(", "not a valid regex")]):
+        v = peft_config_variant(ad, tmp_path / f"bad{i}", target_modules=tm)
+        p = run("score", "--model", tiny_fp8, "--adapter", v, "--tokens", "1,2", "--out",
+                tmp_path / "x.npy", check=False)
+        assert p.returncode == 1 and msg in p.stderr, (tm, p.stderr)

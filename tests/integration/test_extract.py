@@ -208,9 +208,11 @@ def test_unchanged_and_bad_input(models, tmp_path):
 def test_extract_under_sanitizers(models, tmp_path):
     if not os.path.exists(XPREC_SAN):
         pytest.skip("sanitizer build missing")
+    # the second run replaces the first one's adapter (--force), under the sanitizers too
     for args in (["--rank", K, "--svd", "randomized"], ["--energy", 0.8, "--svd", "exact"]):
         p = run("extract", "--base", models["fp8"], "--tuned", models["ft"], "--out",
-                tmp_path / "ad", "--report", tmp_path / "r.json", *args, binary=XPREC_SAN)
+                tmp_path / "ad", "--report", tmp_path / "r.json", "--force", *args,
+                binary=XPREC_SAN)
         assert "AddressSanitizer" not in p.stderr and "runtime error" not in p.stderr
 
 
@@ -339,3 +341,38 @@ def test_analyze_bad_input(models, tmp_path):
         p = run("analyze", "--base", base, "--quantized", fp8, "--adapter", ad, "--json",
                 tmp_path / "s.json", binary=XPREC_SAN)
         assert "AddressSanitizer" not in p.stderr and "runtime error" not in p.stderr
+
+
+def test_ranks_the_engine_would_refuse_are_refused(models, tmp_path):
+    base, ft = models["base"], models["ft"]
+    for bad in (["--rank", 320], ["--rank", 257], ["--energy", 0.9, "--max-rank", 300]):
+        p = run("extract", "--base", base, "--tuned", ft, "--out", tmp_path / "x", *bad,
+                check=False)
+        assert p.returncode == 2 and "[1, 256]" in p.stderr, (bad, p.stderr)
+        assert not (tmp_path / "x").exists()
+    # --energy 1 alone stops at the engine's limit and says so; tiny's MLP modules (800 x 320)
+    # would need rank 320
+    out = tmp_path / "ad"
+    p = run("extract", "--base", base, "--tuned", ft, "--out", out, "--energy", 1, "--report",
+            tmp_path / "r.json")
+    ranks = [m["rank"] for m in json.load(open(tmp_path / "r.json"))["modules"]]
+    assert max(ranks) == 256
+    assert "stop at rank 256" in p.stdout and "the most the engine serves" in p.stdout
+    # and the adapter is one the engine takes
+    run("score", "--model", models["fp8"], "--adapter", out, "--tokens", "1,2,3", "--out",
+        tmp_path / "l.npy")
+
+
+def test_summary_says_where_changes_are(models, tmp_path):
+    """"Nothing outside the targeted modules changed" is about where the fine-tune changed the
+    model, whatever the residual; norms that changed are listed instead."""
+    only_linear = tmp_path / "lin"
+    run("synth", "--tuned-from", models["base"], "--delta-rank", 2, "--delta-scale", 0.05,
+        "--noise", 0.01, "--out", only_linear)
+    p = run("extract", "--base", models["base"], "--tuned", only_linear, "--out",
+            tmp_path / "a", "--rank", 1)
+    assert "nothing outside the targeted modules changed" in p.stdout
+    assert "every change" not in p.stdout
+    p = run("extract", "--base", models["base"], "--tuned", models["ft"], "--out",
+            tmp_path / "b", "--rank", 2)
+    assert "changed but not in the adapter" in p.stdout and "nothing outside" not in p.stdout

@@ -67,3 +67,50 @@ def test_bad_prompts_file(models, tmp_path):
     p = run("fidelity", "--base", models / "base", "--quantized", models / "fp8", "--tuned",
             models / "lowrank", "--prompts", empty, "--cache", tmp_path / "c", check=False)
     assert p.returncode == 1 and "holds no prompts" in p.stderr
+
+
+def test_one_cache_two_fine_tunes(models, tmp_path):
+    """Each cached artifact is keyed by what it was made from: a second fine-tune in the same
+    cache gets its own adapters, and its figures equal those of a fresh cache."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is FP8?\nHello\n")
+
+    def rows(tuned, cache):
+        out = tmp_path / "r.json"
+        p = run("fidelity", "--base", models / "base", "--quantized", models / "fp8", "--tuned",
+                models / tuned, "--ranks", 4, "--tokens", 4, "--prompts", prompts, "--cache",
+                cache, "--out", out)
+        r = {(x["method"], x["rank"]): (x["mean_kl"], x["top1_agreement"], x["greedy_match"])
+             for x in json.load(open(out))["methods"]}
+        return r, p.stderr
+
+    shared = tmp_path / "shared"
+    low, _ = rows("lowrank", shared)
+    dense, log = rows("dense", shared)
+    assert "made from other inputs" in log  # rebuilt, not reused
+    assert dense == rows("dense", tmp_path / "fresh-dense")[0]
+    assert low == rows("lowrank", tmp_path / "fresh-low")[0]
+    assert low[("A", 4)] != dense[("A", 4)] and low[("C", 0)] != dense[("C", 0)]
+    again, log = rows("lowrank", shared)
+    assert again == low
+    made = json.load(open(shared / "A-r4" / "xprec-made-from.json"))
+    assert made["tuned"]["path"].endswith("lowrank") and made["rank"] == 4
+    # the same inputs again: every artifact is reused as it is
+    stamp = (shared / "B-r4" / "adapter_model.safetensors").stat().st_mtime_ns
+    _, log = rows("lowrank", shared)
+    assert "->" not in log.replace("gold continuations", "")
+    assert (shared / "B-r4" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_inputs_must_be_what_the_rows_say(models, tmp_path):
+    base, fp8, tuned = models / "base", models / "fp8", models / "lowrank"
+    cases = [(base, base, tuned, "--quantized"), (fp8, fp8, tuned, "--base"),
+             (base, fp8, fp8, "--tuned")]
+    for b, q, t, want in cases:
+        p = run("fidelity", "--base", b, "--quantized", q, "--tuned", t, "--cache",
+                tmp_path / "c", check=False)
+        assert p.returncode == 1 and want in p.stderr, p.stderr
+        assert not (tmp_path / "c").exists()  # refused before anything is built
+    p = run("fidelity", "--base", base, "--quantized", fp8, "--tuned", tuned, "--svd", "fast",
+            check=False)
+    assert p.returncode == 2 and "--svd" in p.stderr

@@ -768,3 +768,38 @@ def test_keyhash():
             assert out == keyhash(key)
     p = run("keyhash", input="", check=False)
     assert p.returncode == 1 and "no key" in p.stderr
+
+
+def test_deploy_config_is_valid(models, tmp_path):
+    """deploy/nginx.conf and its tenants file pass nginx -t once their paths are real ones."""
+    text = open(os.path.join(ROOT, "deploy", "nginx.conf")).read()
+    tenants = open(os.path.join(ROOT, "deploy", "xprec-tenants.conf")).read()
+    crt, key = __import__("gateway").self_signed(str(tmp_path))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "xprec-tenants.conf").write_text(tenants)
+    subst = {
+        "/srv/models/Qwen3-32B-FP8": str(models / "base-fp8"),
+        "backend=cuda": "backend=cpu",
+        "/srv/adapters/biomed-A-r64": str(models / "bio"),
+        "/srv/adapters/law-A-r32": str(models / "law"),
+        "/srv/adapters/physics-B-r64": str(models / "bio"),
+        "include /etc/nginx/xprec-tenants.conf": f"include {tmp_path}/xprec-tenants.conf",
+        "include /etc/nginx/mime.types;": "",
+        "/etc/ssl/llm.example.org/fullchain.pem": crt,
+        "/etc/ssl/llm.example.org/privkey.pem": key,
+        "/var/log/nginx/": f"{tmp_path}/logs/",
+        "listen 443 ssl http2;": f"listen 127.0.0.1:{__import__('gateway').free_port()} ssl;",
+        "listen 80;": f"listen 127.0.0.1:{__import__('gateway').free_port()};",
+        "kv_cache=40g": "kv_cache=64m",
+        "xprec_redis 127.0.0.1:6379": "xprec_redis 127.0.0.1:6379",
+    }
+    for a, b in subst.items():
+        assert a in text or a in tenants or a.startswith("xprec_redis"), a
+        text = text.replace(a, b)
+    conf = tmp_path / "nginx.conf"
+    mod = __import__("gateway").MODULE
+    conf.write_text(f"load_module {mod};\nerror_log {tmp_path}/logs/error.log;\n"
+                    f"pid {tmp_path}/nginx.pid;\n" + text)
+    p = subprocess.run([__import__("gateway").NGINX, "-t", "-p", str(tmp_path), "-c", str(conf)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

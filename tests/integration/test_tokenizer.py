@@ -217,3 +217,60 @@ def test_sanitized_build_on_corpus_sample(tmp_path, model):
     got = ours(tmp_path, model, sample, binary=XPREC_SAN)
     ref = reference(tmp_path, sample)
     assert [g["ids"] for g in got] == [r["ids"] for r in ref]
+
+
+def tokenizer_variant(tmp_path, name, drop_added=False, drop_decoder=False, edit=None):
+    """A copy of Qwen3's tokenizer files with the added tokens taken out of one or both."""
+    d = tmp_path / name
+    d.mkdir()
+    with open(os.path.join(TOKENIZER_DIR, "tokenizer.json"), encoding="utf-8") as f:
+        tok = json.load(f)
+    with open(os.path.join(TOKENIZER_DIR, "tokenizer_config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    if drop_added:
+        del tok["added_tokens"]
+    if drop_decoder:
+        del cfg["added_tokens_decoder"]
+    if edit:
+        edit(tok, cfg)
+    (d / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return d
+
+
+def test_special_tokens_are_never_guessed(tmp_path, model):
+    chat = json.dumps(CHATS[1])
+    want = json.loads(run("tokenize", "--model", model, "--chat", chat).stdout)
+    # without added_tokens, the special tokens come from tokenizer_config.json, as Qwen's files
+    # list them there too: the same ids
+    d = tokenizer_variant(tmp_path, "from_config", drop_added=True)
+    assert json.loads(run("tokenize", "--model", d, "--chat", chat).stdout) == want
+    # with neither, <|im_start|> would be plain text: refused
+    d = tokenizer_variant(tmp_path, "none", drop_added=True, drop_decoder=True)
+    p = run("tokenize", "--model", d, "--text", "x", check=False)
+    assert p.returncode == 1 and "no added_tokens" in p.stderr and "<|im_start|>" in p.stderr
+    d = tokenizer_variant(tmp_path, "empty", drop_decoder=True,
+                          edit=lambda tok, cfg: tok.update(added_tokens=[]))
+    assert run("tokenize", "--model", d, "--text", "x", check=False).returncode == 1
+
+    # two files that disagree are refused too
+    def rename(tok, cfg):
+        cfg["added_tokens_decoder"]["151644"]["content"] = "<|start|>"
+    d = tokenizer_variant(tmp_path, "disagree", edit=rename)
+    p = run("tokenize", "--model", d, "--text", "x", check=False)
+    assert p.returncode == 1 and "disagree about id 151644" in p.stderr
+
+
+def test_decode_refuses_ids_outside_the_vocabulary(tiny, tmp_path):
+    """In a checkpoint, ids the model cannot produce (at or above config.json's vocab_size, or
+    negative) are refused; padding rows below it decode to nothing, as in generation."""
+    path = tmp_path / "ids.jsonl"
+    path.write_text("[999999999]\n[151936]\n[-1]\n[151935]\n[9707, 11]\n")
+    p = run("tokenize", "--model", tiny, "--jsonl", path, "--decode", check=False)
+    assert p.returncode == 1
+    lines = [json.loads(x) for x in p.stdout.splitlines()]
+    assert "id 999999999 is outside the vocabulary" in lines[0]["error"]
+    assert "vocab_size 151936" in lines[1]["error"]
+    assert "error" in lines[2]
+    assert lines[3] == {"ids": [151935], "text": ""}
+    assert lines[4]["text"] == "Hello,"

@@ -216,12 +216,57 @@ static void test_chat_errors(void **state)
     }
 }
 
+/* One file in DIR/NAME with the text. */
+static void put(const char *dir, const char *name, const char *text)
+{
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    assert_int_equal(tu_write_file(path, text, strlen(text)), 0);
+}
+
+static void test_outdir(void **state)
+{
+    char target[4096], path[4096];
+    tu_join(target, tu_tmpdir(), "deep/er/out");
+    xp_outdir o;
+    /* a new target: parents made, nothing visible until commit */
+    assert_int_equal(xp_outdir_begin(&o, target, 0), 0);
+    put(o.tmp, "a.txt", "one");
+    assert_false(tu_file_exists(target));
+    assert_int_equal(xp_outdir_commit(&o), 0);
+    assert_true(tu_file_exists(tu_join(path, target, "a.txt")));
+    assert_false(tu_file_exists(o.tmp));
+    /* a used target: refused without force; abort leaves it as it was */
+    assert_int_equal(xp_outdir_begin(&o, target, 0), -1);
+    assert_error_contains("exists and is not empty");
+    assert_int_equal(xp_outdir_begin(&o, target, 1), 0);
+    put(o.tmp, "b.txt", "two");
+    xp_outdir_abort(&o);
+    assert_true(tu_file_exists(tu_join(path, target, "a.txt")));
+    assert_false(tu_file_exists(tu_join(path, target, "b.txt")));
+    /* with force the new directory replaces the old one whole */
+    assert_int_equal(xp_outdir_begin(&o, target, 1), 0);
+    put(o.tmp, "b.txt", "two");
+    assert_int_equal(xp_outdir_commit(&o), 0);
+    assert_false(tu_file_exists(tu_join(path, target, "a.txt")));
+    assert_true(tu_file_exists(tu_join(path, target, "b.txt")));
+    xp_outdir_abort(&o); /* harmless after commit */
+    /* no temporary directory is left beside it: ".", ".." and out */
+    assert_int_equal(tu_count_suffix(tu_join(path, tu_tmpdir(), "deep/er"), ""), 3);
+    /* names that are not a directory of their own */
+    assert_int_equal(xp_outdir_begin(&o, "..", 1), -1);
+    assert_error_contains("name the output directory itself");
+    assert_int_equal(xp_outdir_begin(&o, tu_join(path, target, "b.txt"), 1), -1);
+    assert_error_contains("is not a directory");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_kinds),        cmocka_unit_test(test_value_errors),
         cmocka_unit_test(test_usage_errors), cmocka_unit_test(test_help),
         cmocka_unit_test(test_chat_forms),   cmocka_unit_test(test_chat_errors),
+        cmocka_unit_test(test_outdir),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
