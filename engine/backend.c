@@ -21,6 +21,17 @@ const xp_backend *xp_backend_cuda(void)
 }
 #endif
 
+int xp_backend_kv_blocks(const xp_backend_opts *o, size_t block_bytes, int *blocks)
+{
+    int64_t nb = o->kv_blocks > 0 ? o->kv_blocks : (int64_t)(o->kv_bytes / block_bytes);
+    if (nb > 1 << 24) nb = 1 << 24;
+    if (nb < 1)
+        return xp_fail("KV cache of %zu bytes holds no block (one block of %d positions needs %zu)",
+                       o->kv_bytes, XP_KV_BLOCK, block_bytes);
+    *blocks = (int)nb;
+    return 0;
+}
+
 int xp_backend_open(const char *name, const xp_model *m, const xp_backend_opts *o,
                     const xp_backend **be, void **ctx, int *kv_blocks)
 {

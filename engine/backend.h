@@ -74,6 +74,10 @@ struct xp_backend {
     double (*read_bandwidth)(void *ctx);
 };
 
+/* For a backend's create: the KV blocks o asks for (o->kv_blocks, or as many blocks of
+ * block_bytes as o->kv_bytes holds, at most 2^24); -1 with an error if not even one. */
+int xp_backend_kv_blocks(const xp_backend_opts *o, size_t block_bytes, int *blocks);
+
 /* The one place a backend is chosen. name: "cpu", "cuda", "auto" (CUDA when built in and a GPU
  * starts, else the CPU), or NULL/"" for $XPREC_BACKEND, else "cpu". Creates it for m. */
 int xp_backend_open(const char *name, const xp_model *m, const xp_backend_opts *o,

@@ -219,7 +219,10 @@ struct ngx_xprec_ctx_s {
     /* quotas (ngx_xprec_quota.c) */
     unsigned                    limited:1;      /* the tenant has limits: admit through Redis */
     unsigned                    reserved:1;     /* Redis holds a reservation for it */
+    unsigned                    unreserved:1;   /* admitted while Redis was unreachable */
     unsigned                    counted:1;      /* its usage has been recorded */
+    unsigned                    model_ok:1;     /* a model the tenant may use: its usage counts
+                                                   (a name a client made up is no label) */
     unsigned                    rl_valid:1;     /* the x-ratelimit-* values below are set */
     ngx_xprec_qreq_t           *qreq;           /* a reservation on its way */
     ngx_msec_t                  touched;        /* when the reservation was last renewed */
@@ -256,6 +259,7 @@ void ngx_xprec_track(ngx_xprec_ctx_t *ctx);
 void ngx_xprec_untrack(ngx_xprec_ctx_t *ctx);
 ngx_int_t ngx_xprec_engine_ready(void);
 ngx_flag_t ngx_xprec_shutdown_due(ngx_cycle_t *cycle);
+void ngx_xprec_fd_release(ngx_connection_t *c);
 
 /* ngx_xprec_auth.c */
 void ngx_xprec_sha256(const u_char *data, size_t len, u_char *out);
@@ -270,7 +274,7 @@ ngx_int_t ngx_xprec_parse_chat(ngx_xprec_ctx_t *ctx, cJSON *body, ngx_int_t max_
     const char **err, const char **param);
 ngx_int_t ngx_xprec_parse_completion(ngx_xprec_ctx_t *ctx, cJSON *body,
     ngx_int_t max_tokens, const char **err, const char **param);
-cJSON *ngx_xprec_parse_body(ngx_http_request_t *r, const char **err);
+cJSON *ngx_xprec_parse_json(const u_char *data, size_t len, const char **err);
 void ngx_xprec_request_free(ngx_xprec_ctx_t *ctx);
 
 /* ngx_xprec_reply.c */
@@ -289,6 +293,7 @@ char *ngx_xprec_utf8_fix(const char *s, size_t len);
 size_t ngx_xprec_utf8_seq(const u_char *s, size_t avail);
 
 /* ngx_xprec_handler.c */
+cJSON *ngx_xprec_parse_body(ngx_http_request_t *r, const char **err);
 ngx_int_t ngx_xprec_openai_handler(ngx_http_request_t *r);
 ngx_int_t ngx_xprec_error_handler(ngx_http_request_t *r);
 void ngx_xprec_on_event(ngx_xprec_ctx_t *ctx, xp_event *ev);
@@ -302,6 +307,7 @@ cJSON *ngx_xprec_models_json(ngx_xprec_main_conf_t *mcf, ngx_xprec_tenant_t *t,
 ngx_int_t ngx_xprec_admin_handler(ngx_http_request_t *r);
 void ngx_xprec_admin_on_event(ngx_xprec_ctx_t *ctx, xp_event *ev);
 ngx_xprec_runtime_adapter_t *ngx_xprec_runtime_find(const char *name, size_t len);
+void ngx_xprec_runtime_free(ngx_xprec_runtime_adapter_t *a);
 /* an adapter registration ended: its record is kept or dropped; 1 if ev was one */
 ngx_flag_t ngx_xprec_admin_ticket(xp_event *ev);
 

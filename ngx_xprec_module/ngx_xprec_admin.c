@@ -32,7 +32,7 @@ ngx_xprec_runtime_find(const char *name, size_t len)
 }
 
 
-static void
+void
 ngx_xprec_runtime_free(ngx_xprec_runtime_adapter_t *a)
 {
     ngx_uint_t  i;

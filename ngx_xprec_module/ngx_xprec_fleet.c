@@ -194,14 +194,7 @@ ngx_xprec_fleet_adopt(const char *name, const char *json)
 fail:
 
     if (a) {
-        ngx_uint_t i;
-        for (i = 0; i < a->n_tenants; i++) {
-            free(a->tenants[i]);
-        }
-        free(a->tenants);
-        free(a->name);
-        free(a->dir);
-        free(a);
+        ngx_xprec_runtime_free(a);
     }
     cJSON_Delete(o);
 }
@@ -254,13 +247,7 @@ ngx_xprec_fleet_registry(void *data, redisReply *r)
                       "xprec: \"%s\" left the registry: unloaded", a->name);
         (void) xp_engine_remove_adapter(ngx_xprec_worker.engine, a->name);
         *p = a->next;
-        for (i = 0; i < a->n_tenants; i++) {
-            free(a->tenants[i]);
-        }
-        free(a->tenants);
-        free(a->name);
-        free(a->dir);
-        free(a);
+        ngx_xprec_runtime_free(a);
     }
 }
 

@@ -106,11 +106,13 @@ ngx_xprec_cleanup(void *data)
     }
 
     ngx_xprec_request_free(ctx);
+    free(ctx->prompt_text);
     free(ctx->text);
     free(ctx->lps);
     free(ctx->lp_tokens);
     free(ctx->echo_ids);
     free(ctx->prompt_lp);
+    ctx->prompt_text = NULL;
     ctx->text = NULL;
     ctx->lps = NULL;
     ctx->lp_tokens = NULL;
@@ -354,6 +356,54 @@ ngx_xprec_openai_handler(ngx_http_request_t *r)
 
 /* ------------------------------------------------------------------ submit */
 
+/* The request body, whole (nginx may have kept part of it in its temp file), as JSON. */
+cJSON *
+ngx_xprec_parse_body(ngx_http_request_t *r, const char **err)
+{
+    ngx_chain_t  *cl;
+    size_t        len = 0;
+    u_char       *data, *p;
+    ssize_t       n;
+
+    if (r->request_body == NULL || r->request_body->bufs == NULL) {
+        *err = "the request has no body; send a JSON object";
+        return NULL;
+    }
+
+    for (cl = r->request_body->bufs; cl; cl = cl->next) {
+        len += ngx_buf_size(cl->buf);
+    }
+
+    data = ngx_pnalloc(r->pool, len ? len : 1);
+    if (data == NULL) {
+        *err = "out of memory";
+        return NULL;
+    }
+
+    p = data;
+    for (cl = r->request_body->bufs; cl; cl = cl->next) {
+        if (ngx_buf_size(cl->buf) == 0) {
+            continue; /* an empty body's only buffer is neither in memory nor in a file */
+        }
+
+        if (ngx_buf_in_memory(cl->buf) || !cl->buf->in_file || cl->buf->file == NULL) {
+            p = ngx_cpymem(p, cl->buf->pos, cl->buf->last - cl->buf->pos);
+            continue;
+        }
+
+        n = ngx_read_file(cl->buf->file, p, cl->buf->file_last - cl->buf->file_pos,
+                          cl->buf->file_pos);
+        if (n != cl->buf->file_last - cl->buf->file_pos) {
+            *err = "the request body could not be read back";
+            return NULL;
+        }
+        p += n;
+    }
+
+    return ngx_xprec_parse_json(data, len, err);
+}
+
+
 static void
 ngx_xprec_body_handler(ngx_http_request_t *r)
 {
@@ -403,6 +453,7 @@ ngx_xprec_body_handler(ngx_http_request_t *r)
     }
 
     ctx->req.adapter = adapter;
+    ctx->model_ok = 1;
     /* a limited tenant's request waits, tokenized, for its reservation */
     ctx->limited = mcf->redis && ngx_xprec_tenant_limited(ctx->tenant);
     ctx->req.hold = ctx->limited;
@@ -1002,6 +1053,8 @@ ngx_xprec_refuse(ngx_xprec_ctx_t *ctx, ngx_uint_t status, const char *type, cons
     if (ngx_xprec_worker.in_flight[ctx->tenant->index]) {
         ngx_xprec_worker.in_flight[ctx->tenant->index]--;
     }
+    /* it used nothing: its usage is a refusal with no tokens */
+    ctx->prompt_tokens = 0;
     ctx->completion_tokens = 0;
 
     if (retry_ms) {

@@ -2,11 +2,60 @@
  * OpenAI request bodies -> engine requests. The body must be UTF-8 JSON; each field is checked
  * for its type and range, and a bad one is answered 400 with the field named in "param".
  * Fields the engine does not use are ignored, as OpenAI-compatible servers do.
+ *
+ * Nothing here calls into nginx (its types only), so tests/fuzz/fuzz_openai.c runs it alone.
  */
 
 #include "ngx_xprec.h"
 
 #include <math.h>
+#include <stdio.h>
+
+
+size_t
+ngx_xprec_utf8_seq(const u_char *s, size_t avail)
+{
+    size_t    n, k;
+    uint32_t  cp;
+    u_char    c = s[0];
+
+    if (c < 0x80) {
+        return 1;
+    }
+
+    if (c >= 0xc2 && c <= 0xdf) {
+        n = 1;
+        cp = c & 0x1f;
+    } else if (c >= 0xe0 && c <= 0xef) {
+        n = 2;
+        cp = c & 0x0f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        n = 3;
+        cp = c & 0x07;
+    } else {
+        return 0;
+    }
+
+    if (avail <= n) {
+        return 0;
+    }
+
+    for (k = 1; k <= n; k++) {
+        if ((s[k] & 0xc0) != 0x80) {
+            return 0;
+        }
+        cp = cp << 6 | (s[k] & 0x3f);
+    }
+
+    /* no overlong forms, surrogates, or code points past U+10FFFF */
+    if ((n == 2 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff)))
+        || (n == 3 && (cp < 0x10000 || cp > 0x10ffff)))
+    {
+        return 0;
+    }
+
+    return n + 1;
+}
 
 
 static ngx_flag_t
@@ -27,49 +76,13 @@ ngx_xprec_utf8_valid(const u_char *s, size_t len)
 
 
 cJSON *
-ngx_xprec_parse_body(ngx_http_request_t *r, const char **err)
+ngx_xprec_parse_json(const u_char *data, size_t len, const char **err)
 {
-    ngx_chain_t  *cl;
-    size_t        len = 0;
-    u_char       *data, *p;
-    ssize_t       n;
-    cJSON        *json;
-
-    if (r->request_body == NULL || r->request_body->bufs == NULL) {
-        *err = "the request has no body; send a JSON object";
-        return NULL;
-    }
-
-    for (cl = r->request_body->bufs; cl; cl = cl->next) {
-        len += ngx_buf_size(cl->buf);
-    }
+    cJSON  *json;
 
     if (len == 0) {
         *err = "the request body is empty; send a JSON object";
         return NULL;
-    }
-
-    data = ngx_pnalloc(r->pool, len);
-    if (data == NULL) {
-        *err = "out of memory";
-        return NULL;
-    }
-
-    p = data;
-    for (cl = r->request_body->bufs; cl; cl = cl->next) {
-        if (ngx_buf_in_memory(cl->buf)) {
-            p = ngx_cpymem(p, cl->buf->pos, cl->buf->last - cl->buf->pos);
-            continue;
-        }
-
-        /* the part nginx kept in its body temp file */
-        n = ngx_read_file(cl->buf->file, p, cl->buf->file_last - cl->buf->file_pos,
-                          cl->buf->file_pos);
-        if (n != cl->buf->file_last - cl->buf->file_pos) {
-            *err = "the request body could not be read back";
-            return NULL;
-        }
-        p += n;
     }
 
     if (!ngx_xprec_utf8_valid(data, len)) {
@@ -383,7 +396,7 @@ ngx_xprec_parse_chat(ngx_xprec_ctx_t *ctx, cJSON *body, ngx_int_t max_tokens,
     }
 
     cJSON_ArrayForEach(m, msgs) {
-        ngx_snprintf((u_char *) param_buf, sizeof(param_buf) - 1, "messages[%ui]%Z", i);
+        snprintf(param_buf, sizeof(param_buf), "messages[%u]", (unsigned) i);
 
         if (!cJSON_IsObject(m)) {
             NGX_XPREC_BAD(param_buf, "each message must be an object with a role and a "
@@ -567,14 +580,13 @@ ngx_xprec_request_free(ngx_xprec_ctx_t *ctx)
         free(ctx->contents[i]);
     }
 
+    /* prompt_text (echo's copy of a text prompt) stays until the request ends */
     free(ctx->contents);
     free(ctx->msgs);
     free(ctx->prompt_ids);
-    free(ctx->prompt_text);
     ctx->contents = NULL;
     ctx->msgs = NULL;
     ctx->prompt_ids = NULL;
-    ctx->prompt_text = NULL;
     ctx->n_contents = 0;
 
     if (ctx->json) {

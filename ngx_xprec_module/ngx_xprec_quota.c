@@ -49,7 +49,7 @@ typedef struct ngx_xprec_usage_s {
     ngx_msec_t          ttft;           /* 0: no token came */
     ngx_msec_t          duration;
     ngx_flag_t          reserved;
-    ngx_flag_t          limited;
+    ngx_flag_t          unreserved;     /* admitted without Redis: count it into the window */
     time_t              started;        /* wall clock, for the window and the day */
     struct ngx_xprec_usage_s *next;     /* in the pending list */
 } ngx_xprec_usage_t;
@@ -229,7 +229,6 @@ ngx_xprec_reserve_done(void *data, redisReply *r)
             u.status = NGX_HTTP_CLIENT_CLOSED_REQUEST;
             u.duration = ngx_current_msec - q->t_start;
             u.reserved = 1;
-            u.limited = 1;
             u.started = ngx_time();
             ngx_xprec_quota_record(&u);
         }
@@ -249,6 +248,7 @@ ngx_xprec_reserve_done(void *data, redisReply *r)
             return;
         }
         /* on_error=allow: served, and counted here until Redis is back */
+        ctx->unreserved = 1;
         ngx_xprec_prompt_ready(ctx);
         return;
     }
@@ -574,7 +574,8 @@ ngx_xprec_finish_send(ngx_xprec_usage_t *u)
     args[7] = a[5];
     args[8] = a[6];
     args[9] = a[7];
-    args[10] = u->reserved ? "r" : u->limited ? "w" : "-";
+    /* a refused request (429, 503) is in no window: only what was served counts */
+    args[10] = u->reserved ? "r" : u->unreserved ? "w" : "-";
     args[11] = a[8];
     args[12] = a[9];
     args[13] = a[10];
@@ -617,7 +618,7 @@ ngx_xprec_usage_from(ngx_xprec_ctx_t *ctx, ngx_uint_t status, ngx_xprec_usage_t 
     u->ttft = ctx->t_first ? ngx_max(ctx->t_first - ctx->t_start, 1) : 0;
     u->duration = ngx_current_msec - ctx->t_start;
     u->reserved = ctx->reserved;
-    u->limited = ctx->limited;
+    u->unreserved = ctx->unreserved;
     u->started = ctx->created;
 }
 
@@ -627,7 +628,7 @@ ngx_xprec_quota_end(ngx_xprec_ctx_t *ctx, ngx_uint_t status)
 {
     ngx_xprec_usage_t  u;
 
-    if (ctx->counted || ctx->tenant == NULL || ctx->model.len == 0) {
+    if (ctx->counted || ctx->tenant == NULL || !ctx->model_ok) {
         return;
     }
 
@@ -644,7 +645,7 @@ ngx_xprec_quota_orphan(ngx_xprec_ctx_t *ctx)
 {
     ngx_xprec_orphan_t  *o;
 
-    if (ctx->counted || ctx->tenant == NULL || !ngx_xprec_qmcf->redis) {
+    if (ctx->counted || ctx->tenant == NULL || !ctx->model_ok || !ngx_xprec_qmcf->redis) {
         return;
     }
 

@@ -131,18 +131,7 @@ ngx_xprec_redis_cleanup(void *privdata)
 {
     ngx_connection_t  *c = privdata;
 
-    ngx_xprec_redis_del_read(c);
-    ngx_xprec_redis_del_write(c);
-
-    if (c->read->posted) {
-        ngx_delete_posted_event(c->read);
-    }
-    if (c->write->posted) {
-        ngx_delete_posted_event(c->write);
-    }
-
-    ngx_free_connection(c);
-    c->fd = (ngx_socket_t) -1;
+    ngx_xprec_fd_release(c);
 
     if (ngx_xprec_rconn == c) {
         ngx_xprec_rconn = NULL;

@@ -328,52 +328,6 @@ ngx_xprec_stream_writer(ngx_http_request_t *r)
 }
 
 
-size_t
-ngx_xprec_utf8_seq(const u_char *s, size_t avail)
-{
-    size_t    n, k;
-    uint32_t  cp;
-    u_char    c = s[0];
-
-    if (c < 0x80) {
-        return 1;
-    }
-
-    if (c >= 0xc2 && c <= 0xdf) {
-        n = 1;
-        cp = c & 0x1f;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        n = 2;
-        cp = c & 0x0f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        n = 3;
-        cp = c & 0x07;
-    } else {
-        return 0;
-    }
-
-    if (avail <= n) {
-        return 0;
-    }
-
-    for (k = 1; k <= n; k++) {
-        if ((s[k] & 0xc0) != 0x80) {
-            return 0;
-        }
-        cp = cp << 6 | (s[k] & 0x3f);
-    }
-
-    /* no overlong forms, surrogates, or code points past U+10FFFF */
-    if ((n == 2 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff)))
-        || (n == 3 && (cp < 0x10000 || cp > 0x10ffff)))
-    {
-        return 0;
-    }
-
-    return n + 1;
-}
-
-
 char *
 ngx_xprec_utf8_fix(const char *s, size_t len)
 {

@@ -149,13 +149,17 @@ ngx_xprec_fd_connection(ngx_cycle_t *cycle, int fd, ngx_event_handler_pt handler
 }
 
 
-/* Takes the connection out of the event loop and gives it back without closing the fd (its
- * owner closes it). */
-static void
+/* Takes a connection wrapped around someone else's fd out of the event loop and gives it back
+ * without closing the fd (its owner closes it): the engine's eventfds, hiredis's socket. */
+void
 ngx_xprec_fd_release(ngx_connection_t *c)
 {
     if (c->read->active) {
         ngx_del_event(c->read, NGX_READ_EVENT, 0);
+    }
+
+    if (c->write->active) {
+        ngx_del_event(c->write, NGX_WRITE_EVENT, 0);
     }
 
     if (c->read->posted) {
@@ -420,7 +424,6 @@ void
 ngx_xprec_exit_worker(ngx_cycle_t *cycle)
 {
     ngx_xprec_runtime_adapter_t  *a, *next;
-    ngx_uint_t                    i;
 
     if (ngx_xprec_mcf == NULL) {
         return;
@@ -470,13 +473,7 @@ ngx_xprec_exit_worker(ngx_cycle_t *cycle)
 
     for (a = ngx_xprec_worker.runtime; a; a = next) {
         next = a->next;
-        for (i = 0; i < a->n_tenants; i++) {
-            free(a->tenants[i]);
-        }
-        free(a->tenants);
-        free(a->name);
-        free(a->dir);
-        free(a);
+        ngx_xprec_runtime_free(a);
     }
     ngx_xprec_worker.runtime = NULL;
 }

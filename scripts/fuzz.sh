@@ -34,8 +34,20 @@ rm -f "$lib" && ar rcs "$lib" "${objs[@]}"
 passed=0 failed=0
 for t in tests/fuzz/fuzz_*.c; do
     name=$(basename "$t" .c)
+    extra=()
+    if [ "$name" = fuzz_openai ]; then
+        # the module's request parser, against nginx's headers from the module's configured tree
+        ngx=build/nginx/src
+        [ -f "$ngx/objs/ngx_auto_config.h" ] || {
+            echo "fuzz: $name needs the module built first (make module)"
+            exit 1
+        }
+        extra=(-Ingx_xprec_module -I"$ngx/objs" -I"$ngx/src/core" -I"$ngx/src/event"
+            -I"$ngx/src/event/modules" -I"$ngx/src/os/unix" -I"$ngx/src/http"
+            -I"$ngx/src/http/modules" -I"$ngx/src/http/v2" ngx_xprec_module/ngx_xprec_openai.c)
+    fi
     # shellcheck disable=SC2086
-    clang $flags -fsanitize=fuzzer -o "$out/$name" "$t" "$lib" $libs
+    clang $flags -fsanitize=fuzzer -o "$out/$name" "$t" "${extra[@]}" "$lib" $libs
     mkdir -p "$out/$name.corpus" "tests/fuzz/corpus/$name"
     # new inputs go to the first directory only: the committed corpus is read, never written
     if [ -n "$secs" ]; then

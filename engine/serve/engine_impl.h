@@ -18,6 +18,8 @@
 #include "xprec.h"
 
 #include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
 
 /* A request as submitted, copied, until the intake thread has tokenized it. */
 typedef struct {
@@ -101,6 +103,17 @@ struct xp_engine {
     int32_t **b_tables;
     xp_row_group *b_groups;
 };
+
+/* n bytes of p and a NUL, malloc'd; NULL when out of memory. */
+static inline char *xp_memdup0(const char *p, size_t n)
+{
+    char *d = malloc(n + 1);
+    if (d) {
+        memcpy(d, p, n);
+        d[n] = '\0';
+    }
+    return d;
+}
 
 /* Prompt-logprob rows per step, all sequences together: what bounds the logits buffer. */
 #define XP_PLP_ROWS 32

@@ -40,16 +40,6 @@ void xp_seq_free(xp_seq *s)
     free(s);
 }
 
-static char *xp_memdup0(const char *p, size_t n)
-{
-    char *d = malloc(n + 1);
-    if (d) {
-        memcpy(d, p, n);
-        d[n] = '\0';
-    }
-    return d;
-}
-
 /* The caller's request, copied: nothing of it is read after submit returns. */
 static int xp_intake_copy(const xp_request *r, xp_seq *s)
 {

@@ -9,21 +9,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-static char *xp_strndup0(const char *s, size_t n)
-{
-    char *d = malloc(n + 1);
-    if (d) {
-        memcpy(d, s, n);
-        d[n] = '\0';
-    }
-    return d;
-}
-
 static void xp_emit_text(xp_seq *s, int32_t token, size_t upto, xp_logprobs *lp)
 {
     xp_event ev = {.id = s->id, .type = XP_EV_TOKEN, .token = token, .logprobs = lp};
     ev.text_len = upto > s->sent ? upto - s->sent : 0;
-    ev.text = xp_strndup0(s->text + s->sent, ev.text_len);
+    ev.text = xp_memdup0(s->text + s->sent, ev.text_len);
     s->sent += ev.text_len;
     xp_queue_push(s->q, &ev);
 }
@@ -34,7 +24,7 @@ void xp_reply_done(xp_seq *s, xp_finish why)
     size_t upto = why == XP_FINISH_STOP && s->flush ? s->text_len : s->sent;
     xp_event ev = {.id = s->id, .type = XP_EV_DONE, .finish = why};
     ev.text_len = upto > s->sent ? upto - s->sent : 0;
-    ev.text = xp_strndup0(s->text ? s->text + s->sent : "", ev.text_len);
+    ev.text = xp_memdup0(s->text ? s->text + s->sent : "", ev.text_len);
     ev.prompt_tokens = s->n_prompt;
     ev.completion_tokens = s->n_tokens - s->n_prompt;
     xp_queue_push(s->q, &ev);

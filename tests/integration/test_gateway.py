@@ -803,3 +803,18 @@ def test_deploy_config_is_valid(models, tmp_path):
     p = subprocess.run([__import__("gateway").NGINX, "-t", "-p", str(tmp_path), "-c", str(conf)],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_echo_returns_the_prompt_as_sent(gw):
+    """The tokenizer normalizes (NFC): decoding the ids would give another string back."""
+    prompt = "Cafe\u0301 cre\u0300me"
+    for stream in (False, True):
+        body = {"model": "law", "prompt": prompt, "max_tokens": 2, "echo": True,
+                "temperature": 0, "stream": stream}
+        if stream:
+            st, events, _ = gw.stream(COMPL, body, B)
+            text = stream_text(events)
+        else:
+            st, d = gw.json("POST", COMPL, body, key=B)
+            text = d["choices"][0]["text"]
+        assert st == 200 and text.startswith(prompt)

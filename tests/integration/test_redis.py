@@ -150,6 +150,8 @@ def test_rpm_exact_under_concurrency(tmp_path, models, redis):
                 assert int(h["retry-after"]) >= 1
                 assert h["x-ratelimit-limit-requests"] == "10"
                 assert h["x-ratelimit-remaining-requests"] == "0"
+        # the window holds what was admitted, not what was refused
+        assert sum(int(v) for v in redis.hgetall("xprec:{t:rpm}:rpm").values()) == 10
         # nothing held after the requests ended
         assert redis.cli("ZCARD", "xprec:{t:rpm}:inflight") == "0"
         assert redis.cli("HLEN", "xprec:{t:rpm}:resv") == "0"
@@ -348,6 +350,7 @@ def test_metrics_match_usage(tmp_path, models, redis):
         told = [ask(g, "meter", max_tokens=k % 4 + 1) for k in range(9)]
         bad = ask(g, "meter", max_tokens=2, prompt="")  # a 400
         assert bad[0] == 400
+        assert ask(g, "meter", model="made-up")[0] == 404  # no label for it
         time.sleep(0.5)
         st, _, text = g.request("GET", "/metrics")
         assert st == 200
@@ -367,6 +370,8 @@ def test_metrics_match_usage(tmp_path, models, redis):
         t = [s for s in fams["xprec_time_to_first_token_seconds"].samples
              if s.labels.get("tenant") == "meter" and s.name.endswith("_count")]
         assert t and t[0].value == 9
+        assert not [s for f in fams.values() for s in f.samples
+                    if s.labels.get("model") == "made-up"]
         assert fams["xprec_redis_up"].samples[0].value == 1
         assert fams["xprec_redis_up"].samples[0].labels["node"] == "gw-a"
         assert "xprec_engine_running_sequences" in fams and "xprec_adapter_hits" in fams
