@@ -10,6 +10,7 @@ DEBS=(
     libcjson-dev libhiredis-dev libssl-dev libpcre2-dev libutf8proc-dev
     libopenblas-dev liblapacke-dev libcmocka-dev
     python3-pytest python3-numpy python3-prometheus-client
+    python3-torch wordnet-base
     nginx-dev nginx-light redis-server openssl curl wrk
     nodejs npm gnuplot-nox clang libclang-rt-14-dev
 )
