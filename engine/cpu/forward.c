@@ -51,20 +51,15 @@ xp_runtime *xp_runtime_create(const xp_model *m, const xp_backend_opts *o, int *
     if (xp_kv_type_parse(o->kv_dtype, &kt) < 0) return NULL;
     size_t per = xp_kv_store_block_bytes(kt, g->num_hidden_layers, g->num_key_value_heads,
                                          g->head_dim);
-    int64_t nb = o->kv_blocks > 0 ? o->kv_blocks : (int64_t)(o->kv_bytes / per);
-    if (nb > 1 << 24) nb = 1 << 24;
-    if (nb < 1) {
-        xp_fail("KV cache of %zu bytes holds no block (one block of %d positions needs %zu)",
-                o->kv_bytes, XP_KV_BLOCK, per);
-        return NULL;
-    }
+    int nb;
+    if (xp_backend_kv_blocks(o, per, &nb) < 0) return NULL;
     xp_runtime *rt = calloc(1, sizeof *rt);
     if (!rt) goto oom;
     rt->m = m;
     rt->max_rows = max_rows;
     rt->max_ctx = max_ctx;
     if (xp_kv_store_init(&rt->kv, kt, g->num_hidden_layers, g->num_key_value_heads, g->head_dim,
-                         (int)nb) < 0) {
+                         nb) < 0) {
         xp_runtime_destroy(rt);
         return NULL;
     }

@@ -218,13 +218,8 @@ static void *xpc_create(const xp_model *m, const xp_backend_opts *o, int *kv_blo
                 o->kv_dtype);
         return NULL;
     }
-    int64_t n_blocks = o->kv_blocks > 0 ? o->kv_blocks : (int64_t)(o->kv_bytes / per);
-    if (n_blocks > 1 << 24) n_blocks = 1 << 24;
-    if (n_blocks < 1) {
-        xp_fail("KV cache of %zu bytes holds no block (one block of %d positions needs %zu)",
-                o->kv_bytes, XP_KV_BLOCK, per);
-        return NULL;
-    }
+    int n_blocks;
+    if (xp_backend_kv_blocks(o, per, &n_blocks) < 0) return NULL;
     int ndev = 0;
     cudaError_t e = cudaGetDeviceCount(&ndev);
     if (e != cudaSuccess || ndev == 0) {
@@ -401,7 +396,7 @@ static void *xpc_create(const xp_model *m, const xp_backend_opts *o, int *kv_blo
                                            : "fp8",
                 c->mode == XPC_MODE_FP8 && !c->fp8_lt ? " (unavailable: bf16)" : "", c->gemv_rows,
                 c->use_graphs ? "on" : "off");
-    *kv_blocks = (int)n_blocks;
+    *kv_blocks = n_blocks;
     return c;
 fail:
     xpc_destroy(c);
