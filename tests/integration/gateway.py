@@ -184,12 +184,25 @@ http {{
         st, h, data = self.request(method, path, body, key, **kw)
         return st, json.loads(data) if data else None
 
-    def stream(self, path, body, key, timeout=300):
-        """POSTs a streaming request; returns (status, [parsed data payloads], raw text)."""
+    def reload(self, old_pid, timeout=30):
+        """nginx -s reload, then waits until the worker old_pid has stopped accepting: until it
+        hears of the reload it accepts beside the new one, so a request could still reach it."""
+        self.nginx("-s", "reload")
+        t0 = time.time()
+        while (f"{old_pid}#{old_pid}: gracefully shutting down" not in self.log()
+               and time.time() - t0 < timeout):
+            time.sleep(0.05)
+
+    def start_stream(self, path, body, key, timeout=300):
+        """POSTs a streaming request; returns (connection, response) with the body unread."""
         c = self.conn(timeout)
         c.request("POST", path, body=json.dumps(body),
                   headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-        r = c.getresponse()
+        return c, c.getresponse()
+
+    def stream(self, path, body, key, timeout=300):
+        """POSTs a streaming request; returns (status, [parsed data payloads], raw text)."""
+        c, r = self.start_stream(path, body, key, timeout)
         raw = r.read().decode()
         c.close()
         events = []

@@ -562,11 +562,15 @@ def test_openai_sdk(gw):
 
 # ------------------------------------------------------------------ process model
 
-def long_stream(g, key, max_tokens, results, model="bio"):
-    body = {"model": model, "messages": [{"role": "user", "content": "go on"}],
+def go_on(model, max_tokens):
+    """A greedy streamed chat request that runs to max_tokens or the model's end."""
+    return {"model": model, "messages": [{"role": "user", "content": "go on"}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
+
+def long_stream(g, key, max_tokens, results, model="bio"):
     try:
-        results["stream"] = g.stream(CHAT, body, key, timeout=600)
+        results["stream"] = g.stream(CHAT, go_on(model, max_tokens), key, timeout=600)
     except Exception as e:  # the assertions below say what was wrong
         results["error"] = repr(e)
 
@@ -588,11 +592,8 @@ def test_reload_while_streaming(models, tmp_path):
         t = threading.Thread(target=long_stream, args=(g, A, 1500, res))
         t.start()
         wait_running(g)
-        g.nginx("-s", "reload")
+        g.reload(old)
         # the new worker answers new requests while the old one streams on
-        t0 = time.time()
-        while status(g)["engine"]["pid"] == old and time.time() - t0 < 30:
-            time.sleep(0.05)
         assert status(g)["engine"]["pid"] != old
         g.wait_ready(ADMIN)
         assert g.json("POST", CHAT, chat_body("law", max_tokens=2), key=B)[0] == 200
@@ -643,12 +644,7 @@ def test_quit_lets_streams_finish(models, tmp_path):
 def open_stream(g, key, max_tokens, model="bio"):
     """Starts a streaming request and returns its connection once the first token has come:
     the request runs until it ends or the caller closes the connection."""
-    body = {"model": model, "messages": [{"role": "user", "content": "go on"}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    c = g.conn(600)
-    c.request("POST", CHAT, body=json.dumps(body),
-              headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-    r = c.getresponse()
+    c, r = g.start_stream(CHAT, go_on(model, max_tokens), key, timeout=600)
     assert r.status == 200
     while not r.fp.readline().startswith(b"data: "):
         pass
@@ -664,11 +660,7 @@ def test_exclusive_engine_waits_for_the_old_one(models, tmp_path):
     try:
         old = status(g)["engine"]["pid"]
         c, _ = open_stream(g, A, 30000)
-        g.nginx("-s", "reload")
-        # until the old worker hears of the reload it accepts too: wait for it to stop
-        t0 = time.time()
-        while f"{old}#{old}: gracefully shutting down" not in g.log() and time.time() - t0 < 30:
-            time.sleep(0.05)
+        g.reload(old)
         # the new worker answers, but has no engine while the old one streams
         st = status(g)
         assert st["engine"]["pid"] != old
