@@ -165,8 +165,10 @@ size_t xp_linear_scratch_floats(int64_t max_cols)
 
 /* The scalar level's tiles: each element the reference dot product. */
 static void xp_tile_rows_ref(const float *w, int64_t nw, const float *x, int n, int64_t k,
-                             float *y, int64_t ldy, int64_t r0)
+                             float *y, int64_t ldy, int64_t r0, const void *pf, int64_t pf_bytes)
 {
+    (void)pf;
+    (void)pf_bytes;
     for (int i = 0; i < n; i++)
         for (int64_t a = 0; a < nw; a++)
             y[(size_t)i * (size_t)ldy + (size_t)(r0 + a)] =
@@ -204,19 +206,23 @@ void xp_linear_rows(const xp_linear *l, int64_t r0, int64_t r1, const float *x, 
         return;
     }
     k = xp_simd_get();
-    void (*tiles)(const float *, int64_t, const float *, int, int64_t, float *, int64_t, int64_t) =
-        k ? k->tile_rows : xp_tile_rows_ref;
+    void (*tiles)(const float *, int64_t, const float *, int, int64_t, float *, int64_t, int64_t,
+                  const void *, int64_t) = k ? k->tile_rows : xp_tile_rows_ref;
     if (l->dtype == XP_F32) {
-        tiles((const float *)l->w + r0 * l->cols, r1 - r0, x, n, l->cols, y, ldy, r0);
+        tiles((const float *)l->w + r0 * l->cols, r1 - r0, x, n, l->cols, y, ldy, r0, NULL, 0);
         return;
     }
-    /* decoded a scratch-full at a time: each element's sum is the same however the rows split */
+    /* decoded a scratch-full at a time: each element's sum is the same however the rows split.
+     * The next scratch-full's weights are prefetched while this one's tiles compute. */
     int64_t per = (int64_t)xp_linear_scratch_floats(l->cols) / (l->cols > 0 ? l->cols : 1);
+    size_t es = xp_dtype_size(l->dtype);
     for (int64_t a = r0; a < r1; a += per) {
-        int64_t b = a + per < r1 ? a + per : r1;
+        int64_t b = a + per < r1 ? a + per : r1, c = b + per < r1 ? b + per : r1;
         for (int64_t r = a; r < b; r++)
             xp_decode_row(l, r, scratch + (r - a) * l->cols);
-        tiles(scratch, b - a, x, n, l->cols, y, ldy, a);
+        tiles(scratch, b - a, x, n, l->cols, y, ldy, a,
+              (const unsigned char *)l->w + (size_t)b * (size_t)l->cols * es,
+              (int64_t)((size_t)(c - b) * (size_t)l->cols * es));
     }
 }
 
@@ -277,10 +283,9 @@ static int64_t xp_linear_tile(const xp_linear *l, int n, int threads)
          * decode's bandwidth: each restart costs the prefetchers their run-up and the threads
          * share cache lines of y at every boundary. */
         return (l->rows + 2 * threads - 1) / (2 * threads);
-    int64_t tile = XP_TILE_FLOATS / l->cols;
-    /* at least a few tasks per thread so the threads finish together */
-    int64_t per = (l->rows + 4 * threads - 1) / (4 * threads);
-    if (tile > per) tile = per;
+    /* a few tasks per thread so the threads finish together; each task runs its rows a
+     * scratch-full at a time, prefetching the next (xp_linear_rows) */
+    int64_t tile = (l->rows + 4 * threads - 1) / (4 * threads);
     tile = tile / XP_TILE_MIN_ROWS * XP_TILE_MIN_ROWS;
     return tile < XP_TILE_MIN_ROWS ? XP_TILE_MIN_ROWS : tile;
 }

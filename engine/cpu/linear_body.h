@@ -31,10 +31,13 @@ static inline float XN(wcol)(const void *w, const float *s, int64_t bc, int64_t 
  * sr[] of blocks bc wide, bc a multiple of XW) and nr input rows xr[], k columns. mr, nr and src
  * are constants in each expansion, so the accumulators stay in registers. pf > 0: each weight
  * row's cache line pf bytes ahead is prefetched as the row is read (the few-row path streams
- * mr short rows side by side, a pattern the hardware prefetchers follow poorly). */
+ * mr short rows side by side, a pattern the hardware prefetchers follow poorly). pq != NULL:
+ * one cache line at pq + i * pstep is prefetched at the i-th chunk (memory the caller reads next,
+ * fetched while this tile computes). */
 XT __attribute__((always_inline)) static inline void
 XN(tile)(const void *const *wr, const float *const *sr, int64_t bc, const float *const *xr,
-         int64_t k, float *out, const int mr, const int nr, const int src, int64_t pf)
+         int64_t k, float *out, const int mr, const int nr, const int src, int64_t pf,
+         const char *pq, int64_t pstep)
 {
     const int es = src == XSRC_FP8 ? 1 : src == XSRC_BF16 ? 2 : 4;
     XV acc[XMR > 4 ? XMR : 4][XNR > 4 ? XNR : 4], S[XMR > 4 ? XMR : 4];
@@ -51,6 +54,7 @@ XN(tile)(const void *const *wr, const float *const *sr, int64_t bc, const float 
                 XSET1(sr[a][b0 / bc] * 0x1p120f);
         for (int64_t c = b0; c < b1; c += XW) {
             XV w[XMR > 4 ? XMR : 4];
+            if (pq) __builtin_prefetch(pq + c / XW * pstep, 0, 2);
             if (pf > 0 && ((c * es) & 63) == 0)
                 _Pragma("GCC unroll 8") for (int a = 0; a < mr; a++)
                     __builtin_prefetch((const char *)wr[a] + pf + c * es, 0, 3);
@@ -84,12 +88,18 @@ XN(tile)(const void *const *wr, const float *const *sr, int64_t bc, const float 
 /* y[i, r0 + a] for the decoded F32 rows w[0 .. nw) (row stride k) and n input rows x (stride k),
  * y with row stride ldy: XMR x XNR tiles; at the ragged edges the missing rows repeat the last
  * real one and their results are dropped. The x rows are taken a block at a time so that block
- * stays in cache while every tile of weight rows meets it. */
+ * stays in cache while every tile of weight rows meets it. The pf_bytes at pf (the weights the
+ * caller decodes next; pf may be NULL) are prefetched a slice per tile, so memory streams while
+ * the tiles compute instead of in bursts between them. */
 XT void XN(tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t k, float *y,
-                      int64_t ldy, int64_t r0)
+                      int64_t ldy, int64_t r0, const void *pf, int64_t pf_bytes)
 {
     int xblock = (int)((64 * 1024) / (k > 0 ? k : 1));
     xblock = xblock < XNR ? XNR : xblock / XNR * XNR;
+    int64_t calls = (nw + XMR - 1) / XMR * ((n + XNR - 1) / XNR), chunks = k / XW;
+    int64_t slice = pf && calls && chunks ? (pf_bytes + calls - 1) / calls : 0;
+    int64_t pstep = chunks ? (slice + chunks - 1) / chunks : 0;
+    const char *pq = pf_bytes > 0 && chunks ? (const char *)pf : NULL, *pend = pq + pf_bytes;
     for (int i0 = 0; i0 < n; i0 += xblock) {
         int i1 = i0 + xblock < n ? i0 + xblock : n;
         for (int64_t a0 = 0; a0 < nw; a0 += XMR) {
@@ -101,7 +111,12 @@ XT void XN(tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t
                 float out[XMR * XNR];
                 for (int q = 0; q < XNR; q++)
                     xr[q] = x + (size_t)(i + q < i1 ? i + q : i1 - 1) * (size_t)k;
-                XN(tile)(wr, NULL, 0, xr, k, out, XMR, XNR, XSRC_F32, 0);
+                if (pq && pq < pend) {
+                    XN(tile)(wr, NULL, 0, xr, k, out, XMR, XNR, XSRC_F32, 0, pq, pstep);
+                    pq += slice;
+                } else {
+                    XN(tile)(wr, NULL, 0, xr, k, out, XMR, XNR, XSRC_F32, 0, NULL, 0);
+                }
                 for (int a = 0; a < XMR && a0 + a < nw; a++)
                     for (int q = 0; q < XNR && i + q < i1; q++)
                         y[(size_t)(i + q) * (size_t)ldy + (size_t)(r0 + a0 + a)] = out[a * XNR + q];
@@ -117,7 +132,7 @@ XT void XN(tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t
     XT static void XN(name)(const void *const *wr, const float *const *sr, int64_t bc,             \
                             const float *const *xr, int64_t k, float *out, int64_t pf)             \
     {                                                                                              \
-        XN(tile)(wr, sr, bc, xr, k, out, mr, nr, src, pf);                                         \
+        XN(tile)(wr, sr, bc, xr, k, out, mr, nr, src, pf, NULL, 0);                                         \
     }
 XN_FUSED(4, 1, XSRC_FP8, fp8_4x1)
 XN_FUSED(4, 2, XSRC_FP8, fp8_4x2)

@@ -17,9 +17,9 @@ static inline float xp_load1(const void *a, int64_t i, const int bf16)
 typedef struct {
     float (*dot)(const float *a, const float *b, int64_t n);
     /* y[i, r0 + a] = w_a . x_i for nw decoded F32 weight rows w and n input rows x (both with
-     * row stride k), y with row stride ldy */
+     * row stride k), y with row stride ldy; prefetching pf_bytes at pf meanwhile */
     void (*tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t k, float *y,
-                      int64_t ldy, int64_t r0);
+                      int64_t ldy, int64_t r0, const void *pf, int64_t pf_bytes);
     /* y[i * ldy + r] for weight rows [r0, r1) and n <= 4 x rows, decoding W in registers */
     void (*fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y,
                        int64_t ldy);
@@ -38,7 +38,7 @@ typedef struct {
 
 float xp_dot_avx2(const float *a, const float *b, int64_t n);
 void xp_tile_rows_avx2(const float *w, int64_t nw, const float *x, int n, int64_t k, float *y,
-                       int64_t ldy, int64_t r0);
+                       int64_t ldy, int64_t r0, const void *pf, int64_t pf_bytes);
 void xp_fused_rows_avx2(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n,
                         float *y, int64_t ldy);
 void xp_lora_expand_avx2(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
@@ -51,7 +51,7 @@ void xp_axpy_bf16_avx2(float a, const uint16_t *x, float *y, int64_t n);
 
 float xp_dot_avx512(const float *a, const float *b, int64_t n);
 void xp_tile_rows_avx512(const float *w, int64_t nw, const float *x, int n, int64_t k, float *y,
-                         int64_t ldy, int64_t r0);
+                       int64_t ldy, int64_t r0, const void *pf, int64_t pf_bytes);
 void xp_fused_rows_avx512(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n,
                         float *y, int64_t ldy);
 void xp_lora_expand_avx512(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
