@@ -97,9 +97,14 @@ XT void XN(tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t
     int xblock = (int)((64 * 1024) / (k > 0 ? k : 1));
     xblock = xblock < XNR ? XNR : xblock / XNR * XNR;
     int64_t calls = (nw + XMR - 1) / XMR * ((n + XNR - 1) / XNR), chunks = k / XW;
-    int64_t slice = pf && calls && chunks ? (pf_bytes + calls - 1) / calls : 0;
-    int64_t pstep = chunks ? (slice + chunks - 1) / chunks : 0;
-    const char *pq = pf_bytes > 0 && chunks ? (const char *)pf : NULL, *pend = pq + pf_bytes;
+    const char *pq = NULL, *pend = NULL; /* the slice the next tile prefetches, and the end */
+    int64_t slice = 0, pstep = 0;
+    if (pf && pf_bytes > 0 && calls > 0 && chunks > 0) {
+        pq = pf;
+        pend = pq + pf_bytes;
+        slice = (pf_bytes + calls - 1) / calls;
+        pstep = (slice + chunks - 1) / chunks;
+    }
     for (int i0 = 0; i0 < n; i0 += xblock) {
         int i1 = i0 + xblock < n ? i0 + xblock : n;
         for (int64_t a0 = 0; a0 < nw; a0 += XMR) {
@@ -111,12 +116,8 @@ XT void XN(tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t
                 float out[XMR * XNR];
                 for (int q = 0; q < XNR; q++)
                     xr[q] = x + (size_t)(i + q < i1 ? i + q : i1 - 1) * (size_t)k;
-                if (pq && pq < pend) {
-                    XN(tile)(wr, NULL, 0, xr, k, out, XMR, XNR, XSRC_F32, 0, pq, pstep);
-                    pq += slice;
-                } else {
-                    XN(tile)(wr, NULL, 0, xr, k, out, XMR, XNR, XSRC_F32, 0, NULL, 0);
-                }
+                XN(tile)(wr, NULL, 0, xr, k, out, XMR, XNR, XSRC_F32, 0, pq, pstep);
+                if (pq) pq = pend - pq > slice ? pq + slice : NULL;
                 for (int a = 0; a < XMR && a0 + a < nw; a++)
                     for (int q = 0; q < XNR && i + q < i1; q++)
                         y[(size_t)(i + q) * (size_t)ldy + (size_t)(r0 + a0 + a)] = out[a * XNR + q];
@@ -132,7 +133,7 @@ XT void XN(tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t
     XT static void XN(name)(const void *const *wr, const float *const *sr, int64_t bc,             \
                             const float *const *xr, int64_t k, float *out, int64_t pf)             \
     {                                                                                              \
-        XN(tile)(wr, sr, bc, xr, k, out, mr, nr, src, pf, NULL, 0);                                         \
+        XN(tile)(wr, sr, bc, xr, k, out, mr, nr, src, pf, NULL, 0);                                \
     }
 XN_FUSED(4, 1, XSRC_FP8, fp8_4x1)
 XN_FUSED(4, 2, XSRC_FP8, fp8_4x2)

@@ -51,7 +51,7 @@ void xp_axpy_bf16_avx2(float a, const uint16_t *x, float *y, int64_t n);
 
 float xp_dot_avx512(const float *a, const float *b, int64_t n);
 void xp_tile_rows_avx512(const float *w, int64_t nw, const float *x, int n, int64_t k, float *y,
-                       int64_t ldy, int64_t r0, const void *pf, int64_t pf_bytes);
+                         int64_t ldy, int64_t r0, const void *pf, int64_t pf_bytes);
 void xp_fused_rows_avx512(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n,
                         float *y, int64_t ldy);
 void xp_lora_expand_avx512(const void *bt, int bf16, int64_t ldb, int rank, const float *t,
