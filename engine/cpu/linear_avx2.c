@@ -25,6 +25,15 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 xp_fp8x8(const uin
     return _mm256_mul_ps(_mm256_castsi256_ps(v), S);
 }
 
+/* 8 E4M3 codes to F32 through F16, for blocks holding subnormal codes (see xp_fp8x16_f16_512 in
+ * linear_avx512.c): times S = 2^8 * scale, the same bits as xp_fp8x8. */
+XP_AVX2 static inline __m256 xp_fp8x8_f16(const uint8_t *q, __m256 S)
+{
+    __m128i v = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)q));
+    v = _mm_and_si128(_mm_slli_epi16(v, 7), _mm_set1_epi16((short)0xBF80));
+    return _mm256_mul_ps(_mm256_cvtph_ps(v), S);
+}
+
 __attribute__((target("avx2,fma,f16c"))) static inline void xp_fp8x16(const uint8_t *q, __m256 S,
                                                                       __m256 *lo, __m256 *hi)
 {
@@ -41,6 +50,11 @@ __attribute__((target("avx2,fma,f16c"))) void xp_decode_row_avx2(const xp_linear
         const float *s = l->scale + (r / l->br) * l->nbc;
         for (int64_t b = 0; b < l->nbc; b++) {
             int64_t end = (b + 1) * l->bc < cols ? (b + 1) * l->bc : cols;
+            if (l->sub && l->sub[r * l->nbc + b]) {
+                __m256 S8 = _mm256_set1_ps(s[b] * 0x1p8f);
+                for (; j + 8 <= end; j += 8)
+                    _mm256_storeu_ps(dst + j, xp_fp8x8_f16(q + j, S8));
+            }
             __m256 S = _mm256_set1_ps(s[b] * 0x1p120f), lo, hi;
             for (; j + 16 <= end; j += 16) {
                 xp_fp8x16(q + j, S, &lo, &hi);
@@ -166,6 +180,7 @@ XP_AVX2 static inline __m256 xp_exp256(__m256 x)
 #define XHSUM(v) xp_hsum256(v)
 #define XEXP(v) xp_exp256(v)
 #define XFP8(q, S) xp_fp8x8(q, S)
+#define XFP8S(q, S) xp_fp8x8_f16(q, S)
 #define XBF16(h) xp_bf16x8(h)
 /* 12 accumulators, 3 weight vectors and one input vector: the 16 registers */
 #define XMR 3

@@ -22,6 +22,18 @@ XP_AVX512 static inline __m512 xp_fp8x16_512(const uint8_t *q, __m512 S)
     return _mm512_mul_ps(_mm512_castsi512_ps(v), S);
 }
 
+/* 16 E4M3 codes to F32 through F16, for blocks holding subnormal codes: the fields move to F16's
+ * places (the sign-extended code shifted by 7, bit 14 cleared), which is the value times 2^-8 with
+ * subnormal codes as F16 subnormals, and vcvtph2ps widens those without the F32 denormal the
+ * decode above would multiply (a microcode assist on some cores). Times S = 2^8 * scale: the same
+ * exact product rounded once, so the same bits as xp_fp8x16_512. */
+XP_AVX512 static inline __m512 xp_fp8x16_f16_512(const uint8_t *q, __m512 S)
+{
+    __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q));
+    v = _mm256_and_si256(_mm256_slli_epi16(v, 7), _mm256_set1_epi16((short)0xBF80));
+    return _mm512_mul_ps(_mm512_cvtph_ps(v), S);
+}
+
 XP_AVX512 static inline void xp_fp8x32(const uint8_t *q, __m512 S, __m512 *lo, __m512 *hi)
 {
     *lo = xp_fp8x16_512(q, S);
@@ -42,6 +54,11 @@ XP_AVX512 void xp_decode_row_avx512(const xp_linear *l, int64_t r, float *dst)
         const float *s = l->scale + (r / l->br) * l->nbc;
         for (int64_t b = 0; b < l->nbc; b++) {
             int64_t end = (b + 1) * l->bc < cols ? (b + 1) * l->bc : cols;
+            if (l->sub && l->sub[r * l->nbc + b]) {
+                __m512 S8 = _mm512_set1_ps(s[b] * 0x1p8f);
+                for (; j + 16 <= end; j += 16)
+                    _mm512_storeu_ps(dst + j, xp_fp8x16_f16_512(q + j, S8));
+            }
             __m512 S = _mm512_set1_ps(s[b] * 0x1p120f), lo, hi;
             for (; j + 32 <= end; j += 32) {
                 xp_fp8x32(q + j, S, &lo, &hi);
@@ -167,6 +184,7 @@ XP_AVX512 static inline __m512 xp_exp512(__m512 x)
 #define XHSUM(v) xp_hsum512(v)
 #define XEXP(v) xp_exp512(v)
 #define XFP8(q, S) xp_fp8x16_512(q, S)
+#define XFP8S(q, S) xp_fp8x16_f16_512(q, S)
 #define XBF16(h) xp_bf16x16(h)
 /* 16 accumulators, 4 weight vectors and one input vector of the 32 registers */
 #define XMR 4

@@ -5,6 +5,7 @@
  *   XN(name)      the level's name for a function
  *   XZERO(), XLOAD(p), XSET1(f), XFMA(a, b, c) = a * b + c fused, XHSUM(v) -> float
  *   XFP8(q, S)    XW FP8 codes at q as F32, times S (= 2^120 * block scale)
+ *   XFP8S(q, S)   the same through F16, times S (= 2^8 * block scale): for subnormal codes
  *   XBF16(h)      XW BF16 values at h as F32
  *   XMR, XNR      the weight rows and input rows of the tile kernel
  *
@@ -27,20 +28,57 @@ static inline float XN(wcol)(const void *w, const float *s, int64_t bc, int64_t 
     return src == XSRC_BF16 ? xp_bf16_to_f32(((const uint16_t *)w)[j]) : ((const float *)w)[j];
 }
 
-/* out[a * nr + i] = W_a . x_i for mr weight rows wr[] (F32, BF16 or FP8 codes with scale rows
- * sr[] of blocks bc wide, bc a multiple of XW) and nr input rows xr[], k columns. mr, nr and src
- * are constants in each expansion, so the accumulators stay in registers. pf > 0: each weight
- * row's cache line pf bytes ahead is prefetched as the row is read (the few-row path streams
- * mr short rows side by side, a pattern the hardware prefetchers follow poorly). pq != NULL:
- * one cache line at pq + i * pstep is prefetched at the i-th chunk (memory the caller reads next,
- * fetched while this tile computes). */
+#define XACC_R (XMR > 4 ? XMR : 4)
+#define XACC_C (XNR > 4 ? XNR : 4)
+
+/* The chunks [c0, c1) of one scale block of the tile below into its accumulators. slow: FP8
+ * codes through XFP8S, for blocks holding subnormal codes (S then holds 2^8 * scale). */
 XT __attribute__((always_inline)) static inline void
-XN(tile)(const void *const *wr, const float *const *sr, int64_t bc, const float *const *xr,
-         int64_t k, float *out, const int mr, const int nr, const int src, int64_t pf,
-         const char *pq, int64_t pstep)
+XN(chunks)(const void *const *wr, const float *const *xr, XV (*acc)[XACC_C], const XV *S,
+           int64_t c0, int64_t c1, const int mr, const int nr, const int src, const int slow,
+           int64_t pf, const char *pq, int64_t pstep)
 {
     const int es = src == XSRC_FP8 ? 1 : src == XSRC_BF16 ? 2 : 4;
-    XV acc[XMR > 4 ? XMR : 4][XNR > 4 ? XNR : 4], S[XMR > 4 ? XMR : 4];
+    for (int64_t c = c0; c < c1; c += XW) {
+        XV w[XACC_R];
+        if (pq) __builtin_prefetch(pq + c / XW * pstep, 0, 2);
+        if (pf > 0 && ((c * es) & 63) == 0)
+            _Pragma("GCC unroll 8") for (int a = 0; a < mr; a++)
+                __builtin_prefetch((const char *)wr[a] + pf + c * es, 0, 3);
+        _Pragma("GCC unroll 8") for (int a = 0; a < mr; a++)
+        {
+            if (src == XSRC_FP8)
+                w[a] = slow ? XFP8S((const uint8_t *)wr[a] + c, S[a])
+                            : XFP8((const uint8_t *)wr[a] + c, S[a]);
+            else if (src == XSRC_BF16)
+                w[a] = XBF16((const uint16_t *)wr[a] + c);
+            else
+                w[a] = XLOAD((const float *)wr[a] + c);
+        }
+        _Pragma("GCC unroll 8") for (int i = 0; i < nr; i++)
+        {
+            XV xv = XLOAD(xr[i] + c);
+            _Pragma("GCC unroll 8") for (int a = 0; a < mr; a++) acc[a][i] =
+                XFMA(xv, w[a], acc[a][i]);
+        }
+    }
+}
+
+/* out[a * nr + i] = W_a . x_i for mr weight rows wr[] (F32, BF16 or FP8 codes with scale rows
+ * sr[] of blocks bc wide, bc a multiple of XW) and nr input rows xr[], k columns. mr, nr and src
+ * are constants in each expansion, so the accumulators stay in registers. ur: FP8 rows' marks of
+ * blocks holding subnormal codes (xp_linear.sub), or NULL; a block marked in any of the rows is
+ * decoded the slow way for all of them, to the same bits. pf > 0: each weight row's cache line
+ * pf bytes ahead is prefetched as the row is read (the few-row path streams mr short rows side
+ * by side, a pattern the hardware prefetchers follow poorly). pq != NULL: one cache line at
+ * pq + i * pstep is prefetched at the i-th chunk (memory the caller reads next, fetched while
+ * this tile computes). */
+XT __attribute__((always_inline)) static inline void
+XN(tile)(const void *const *wr, const float *const *sr, const uint8_t *const *ur, int64_t bc,
+         const float *const *xr, int64_t k, float *out, const int mr, const int nr, const int src,
+         int64_t pf, const char *pq, int64_t pstep)
+{
+    XV acc[XACC_R][XACC_C], S[XACC_R];
     _Pragma("GCC unroll 8") for (int a = 0; a < mr; a++)
     {
         S[a] = XZERO();
@@ -49,31 +87,16 @@ XN(tile)(const void *const *wr, const float *const *sr, int64_t bc, const float 
     int64_t kv = k / XW * XW, blk = src == XSRC_FP8 ? bc : kv;
     for (int64_t b0 = 0; b0 < kv; b0 += blk) {
         int64_t b1 = b0 + blk < kv ? b0 + blk : kv;
-        if (src == XSRC_FP8)
+        int slow = 0;
+        if (src == XSRC_FP8) {
+            if (ur) _Pragma("GCC unroll 8") for (int a = 0; a < mr; a++) slow |= ur[a][b0 / bc];
             _Pragma("GCC unroll 8") for (int a = 0; a < mr; a++) S[a] =
-                XSET1(sr[a][b0 / bc] * 0x1p120f);
-        for (int64_t c = b0; c < b1; c += XW) {
-            XV w[XMR > 4 ? XMR : 4];
-            if (pq) __builtin_prefetch(pq + c / XW * pstep, 0, 2);
-            if (pf > 0 && ((c * es) & 63) == 0)
-                _Pragma("GCC unroll 8") for (int a = 0; a < mr; a++)
-                    __builtin_prefetch((const char *)wr[a] + pf + c * es, 0, 3);
-            _Pragma("GCC unroll 8") for (int a = 0; a < mr; a++)
-            {
-                if (src == XSRC_FP8)
-                    w[a] = XFP8((const uint8_t *)wr[a] + c, S[a]);
-                else if (src == XSRC_BF16)
-                    w[a] = XBF16((const uint16_t *)wr[a] + c);
-                else
-                    w[a] = XLOAD((const float *)wr[a] + c);
-            }
-            _Pragma("GCC unroll 8") for (int i = 0; i < nr; i++)
-            {
-                XV xv = XLOAD(xr[i] + c);
-                _Pragma("GCC unroll 8") for (int a = 0; a < mr; a++) acc[a][i] =
-                    XFMA(xv, w[a], acc[a][i]);
-            }
+                XSET1(sr[a][b0 / bc] * (slow ? 0x1p8f : 0x1p120f));
         }
+        if (src == XSRC_FP8 && slow)
+            XN(chunks)(wr, xr, acc, S, b0, b1, mr, nr, src, 1, pf, pq, pstep);
+        else
+            XN(chunks)(wr, xr, acc, S, b0, b1, mr, nr, src, 0, pf, pq, pstep);
     }
     _Pragma("GCC unroll 8") for (int a = 0; a < mr; a++)
         _Pragma("GCC unroll 8") for (int i = 0; i < nr; i++)
@@ -116,7 +139,7 @@ XT void XN(tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t
                 float out[XMR * XNR];
                 for (int q = 0; q < XNR; q++)
                     xr[q] = x + (size_t)(i + q < i1 ? i + q : i1 - 1) * (size_t)k;
-                XN(tile)(wr, NULL, 0, xr, k, out, XMR, XNR, XSRC_F32, 0, pq, pstep);
+                XN(tile)(wr, NULL, NULL, 0, xr, k, out, XMR, XNR, XSRC_F32, 0, pq, pstep);
                 if (pq) pq = pend - pq > slice ? pq + slice : NULL;
                 for (int a = 0; a < XMR && a0 + a < nw; a++)
                     for (int q = 0; q < XNR && i + q < i1; q++)
@@ -130,10 +153,11 @@ XT void XN(tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t
  * fixed shape per input-row count (the weight rows give the independent accumulators when the
  * input rows are few). */
 #define XN_FUSED(mr, nr, src, name)                                                                \
-    XT static void XN(name)(const void *const *wr, const float *const *sr, int64_t bc,             \
-                            const float *const *xr, int64_t k, float *out, int64_t pf)             \
+    XT static void XN(name)(const void *const *wr, const float *const *sr,                         \
+                            const uint8_t *const *ur, int64_t bc, const float *const *xr,          \
+                            int64_t k, float *out, int64_t pf)                                     \
     {                                                                                              \
-        XN(tile)(wr, sr, bc, xr, k, out, mr, nr, src, pf, NULL, 0);                                \
+        XN(tile)(wr, sr, ur, bc, xr, k, out, mr, nr, src, pf, NULL, 0);                            \
     }
 XN_FUSED(4, 1, XSRC_FP8, fp8_4x1)
 XN_FUSED(4, 2, XSRC_FP8, fp8_4x2)
@@ -145,8 +169,8 @@ XN_FUSED(2, 3, XSRC_BF16, bf16_2x3)
 XN_FUSED(2, 4, XSRC_BF16, bf16_2x4)
 #undef XN_FUSED
 
-typedef void (*XN(fused_fn))(const void *const *, const float *const *, int64_t,
-                             const float *const *, int64_t, float *, int64_t);
+typedef void (*XN(fused_fn))(const void *const *, const float *const *, const uint8_t *const *,
+                             int64_t, const float *const *, int64_t, float *, int64_t);
 
 /* y[i * ldy + r] for weight rows [r0, r1) of l and n <= 4 input rows x (stride l->cols). FP8
  * blocks must be a multiple of XW columns wide with fast scales, so no chunk straddles two
@@ -169,16 +193,18 @@ XT void XN(fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *
     for (int64_t r = r0; r < r1; r += mr) {
         const void *wr[4];
         const float *sr[4] = {NULL, NULL, NULL, NULL};
+        const uint8_t *ur[4] = {NULL, NULL, NULL, NULL};
         float out[8];
         for (int a = 0; a < mr; a++) {
             int64_t ra = r + a < r1 ? r + a : r1 - 1;
             wr[a] = (const unsigned char *)l->w + (size_t)ra * (size_t)k * es;
             if (fp8) sr[a] = l->scale + (ra / l->br) * l->nbc;
+            if (fp8 && l->sub) ur[a] = l->sub + ra * l->nbc;
         }
         /* four groups ahead, at the same column: about 16 rows of reading in flight (measured
          * best of 1, 2, 4, 8 for batch-1 decode on the small preset) */
         int64_t pf = r + 5 * mr <= r1 ? (int64_t)(4 * (size_t)mr * (size_t)k * es) : 0;
-        f(wr, sr, l->bc, xr, k, out, pf);
+        f(wr, sr, fp8 && l->sub ? ur : NULL, l->bc, xr, k, out, pf);
         for (int a = 0; a < mr && r + a < r1; a++)
             for (int q = 0; q < n; q++)
                 y[(size_t)q * (size_t)ldy + (size_t)(r + a)] = out[a * nr + q];

@@ -22,6 +22,24 @@ void xp_linear_check_scales(xp_linear *l)
         if (!(fabsf(l->scale[i]) < 256.0f)) l->fp8_fast = 0;
 }
 
+int xp_linear_mark_subnormals(xp_linear *l)
+{
+    free(l->sub);
+    l->sub = NULL;
+    if (l->dtype != XP_F8_E4M3 || l->bc <= 0) return 0;
+    const uint8_t *q = l->w;
+    for (int64_t r = 0; r < l->rows; r++)
+        for (int64_t b = 0; b < l->nbc; b++) {
+            int64_t j = b * l->bc, end = j + l->bc < l->cols ? j + l->bc : l->cols;
+            for (const uint8_t *p = q + r * l->cols + j; j < end; j++, p++)
+                if ((*p & 0x78) == 0 && (*p & 0x07) != 0) break;
+            if (j == end) continue;
+            if (!l->sub && !(l->sub = calloc((size_t)(l->rows * l->nbc), 1))) return -1;
+            l->sub[r * l->nbc + b] = 1;
+        }
+    return 0;
+}
+
 static int xp_linear_init(xp_linear *l, const xp_tensor *w, const xp_tensor *scale, int br, int bc)
 {
     memset(l, 0, sizeof *l);
@@ -48,6 +66,7 @@ static int xp_linear_init(xp_linear *l, const xp_tensor *w, const xp_tensor *sca
         l->nbc = (l->cols + bc - 1) / bc;
         if (!(l->scale = xp_to_f32_copy(scale))) return xp_fail("out of memory");
         xp_linear_check_scales(l);
+        if (xp_linear_mark_subnormals(l) < 0) return xp_fail("out of memory");
     } else if (w->dtype != XP_BF16 && w->dtype != XP_F16 && w->dtype != XP_F32) {
         return xp_fail("%s has dtype %s, which the engine does not run", w->name,
                        xp_dtype_name(w->dtype));
@@ -93,11 +112,13 @@ static int xp_linear_to_fp8(xp_linear *l)
     *l = (xp_linear){.dtype = XP_F8_E4M3, .w = codes, .scale = scale, .rows = rows, .cols = cols,
                      .br = XP_LM_HEAD_BLOCK, .bc = XP_LM_HEAD_BLOCK, .nbc = nbc, .owned = codes};
     xp_linear_check_scales(l);
+    if (xp_linear_mark_subnormals(l) < 0) return xp_fail("out of memory for an FP8 lm_head");
     return 0;
 }
 
 static void xp_linear_free(xp_linear *l)
 {
+    free(l->sub);
     free(l->scale);
     free(l->owned);
 }

@@ -16,6 +16,8 @@ typedef struct {
     int fp8_fast; /* FP8 with every |scale| < 256: the SIMD decode may fold 2^120 into it
                      (xp_linear_check_scales); 0 sends the weight through the reference */
     void *owned;  /* an aligned copy when the mapping could not be used as it is */
+    uint8_t *sub; /* FP8: 1 per (row, column block) holding a subnormal code, [rows, nbc]
+                     (xp_linear_mark_subnormals); NULL: none marked */
 } xp_linear;
 
 typedef struct {
@@ -45,6 +47,13 @@ typedef struct {
 
 /* Sets l->fp8_fast from the block scales. */
 void xp_linear_check_scales(xp_linear *l);
+
+/* Sets l->sub for an FP8 weight: which (row, column block) runs hold a nonzero code with a zero
+ * exponent. The fast SIMD decode makes those F32 denormals, whose multiply costs a microcode
+ * assist on some cores (100 times slower); the kernels decode marked blocks through F16 instead,
+ * to the same bits. Leaves l->sub NULL when there are none. The caller frees l->sub. -1: out of
+ * memory. */
+int xp_linear_mark_subnormals(xp_linear *l);
 
 /* Loads the checkpoint in dir as its files describe it, or with o's changes (o may be NULL).
  * Under YaRN the attention factor is folded into the q and k norm weights: RoPE is linear, so

@@ -58,6 +58,12 @@ static void free_weight(tk_weight *k)
 {
     free(k->w);
     free(k->l.scale);
+    free(k->l.sub);
+}
+
+static int is_subnormal_code(uint8_t c)
+{
+    return (c & 0x78) == 0 && (c & 0x07) != 0;
 }
 
 static void test_decode_row_matches_reference(void **state)
@@ -390,6 +396,81 @@ static void test_lora_expand_matches_axpy_form(void **state)
     xp_cpu_force_scalar(0);
 }
 
+/* FP8 blocks holding subnormal codes are marked at load and decoded through F16 (no F32
+ * denormals, which cost a microcode assist on some cores). The marks must be right, and marked
+ * weights must give the bits unmarked ones give, in the register-decoding path (1-4 rows), the
+ * tile path, and decode_row, with marked and unmarked blocks side by side in one tile. */
+static void test_fp8_subnormal_blocks_same_bits(void **state)
+{
+    static const int64_t shapes[][2] = {{13, 130}, {37, 257}, {7, 1024}, {130, 272}};
+    static const int blocks[][2] = {{128, 128}, {32, 64}, {5, 48}};
+    static const int ns[] = {1, 2, 3, 4, 5, 13, 24};
+    for (int s = 0; s < 4; s++)
+        for (int bl = 0; bl < 3; bl++) {
+            int64_t rows = shapes[s][0], cols = shapes[s][1];
+            tk_weight k = make_weight(XP_F8_E4M3, rows, cols, blocks[bl][0], blocks[bl][1],
+                                      (uint64_t)(s * 3 + bl + 90));
+            uint8_t *q = k.w;
+            /* a third of the (row, block) runs keep their subnormal codes (1 in 16 of random
+             * codes); the rest get exponent 1 instead */
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t j = 0; j < cols; j++)
+                    if ((r * 7 + j / k.l.bc) % 3 != 0 && is_subnormal_code(q[r * cols + j]))
+                        q[r * cols + j] |= 0x08;
+            assert_int_equal(xp_linear_mark_subnormals(&k.l), 0);
+            assert_non_null(k.l.sub);
+            int64_t marked = 0;
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t b = 0; b < k.l.nbc; b++) {
+                    int want = 0;
+                    for (int64_t j = b * k.l.bc; j < cols && j < (b + 1) * k.l.bc; j++)
+                        want |= is_subnormal_code(q[r * cols + j]);
+                    assert_int_equal(k.l.sub[r * k.l.nbc + b], want);
+                    marked += want;
+                }
+            assert_true(marked > 0 && marked < rows * k.l.nbc);
+            uint8_t *sub = k.l.sub;
+            float *a = malloc((size_t)cols * 4), *b = malloc((size_t)cols * 4);
+            for (int64_t r = 0; r < rows; r++) {
+                xp_decode_row(&k.l, r, a);
+                xp_decode_row_ref(&k.l, r, b);
+                assert_memory_equal(a, b, (size_t)cols * 4);
+            }
+            enum { N = 24 };
+            float *x = malloc((size_t)(N * cols) * 4);
+            float *y0 = malloc((size_t)(N * rows) * 4), *y1 = malloc((size_t)(N * rows) * 4);
+            tu_rng r;
+            tu_rng_seed(&r, 8);
+            for (int64_t i = 0; i < N * cols; i++)
+                x[i] = (float)tu_rng_normal(&r);
+            xp_pool *pool = xp_pool_create(2);
+            float *scratch[2] = {malloc(xp_linear_scratch_floats(cols) * 4),
+                                 malloc(xp_linear_scratch_floats(cols) * 4)};
+            for (size_t c = 0; c < sizeof ns / sizeof *ns; c++) {
+                k.l.sub = NULL;
+                xp_linear_forward(pool, scratch, &k.l, x, ns[c], y0, NULL);
+                k.l.sub = sub;
+                xp_linear_forward(pool, scratch, &k.l, x, ns[c], y1, NULL);
+                assert_memory_equal(y0, y1, (size_t)(ns[c] * rows) * 4);
+            }
+            check_against_reference(&k.l, x, N, y1);
+            free(scratch[0]);
+            free(scratch[1]);
+            xp_pool_destroy(pool);
+            free(x);
+            free(y0);
+            free(y1);
+            free(a);
+            free(b);
+            /* without a subnormal code nothing is marked */
+            for (int64_t i = 0; i < rows * cols; i++)
+                if (is_subnormal_code(q[i])) q[i] |= 0x08;
+            assert_int_equal(xp_linear_mark_subnormals(&k.l), 0);
+            assert_null(k.l.sub);
+            free_weight(&k);
+        }
+}
+
 static void inc(void *ctx, int task, int thread);
 
 /* Extra tasks in a product's pool call each run once, and leave the product as it was; with no
@@ -515,6 +596,7 @@ int main(void)
         cmocka_unit_test(test_scalar_fallback),
         cmocka_unit_test(test_blocked_kernels_match_reference_and_are_batch_invariant),
         cmocka_unit_test(test_blocked_kernels_scalar),
+        cmocka_unit_test(test_fp8_subnormal_blocks_same_bits),
         cmocka_unit_test(test_lora_expand_matches_axpy_form),
         cmocka_unit_test(test_linear_carries_extra_tasks),
         cmocka_unit_test(test_linear_forward_many),
