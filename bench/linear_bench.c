@@ -1,9 +1,10 @@
 /* The CPU backend's matrix products alone: y = x W^T for Qwen3-0.6B's layer shapes (FP8 block
- * 128, random codes) and its BF16 lm_head, at several row counts, timed over repeated calls on
+ * 128, quantized from random values) and its BF16 lm_head, at several row counts, timed over repeated calls on
  * the engine's pool. Prints GFLOP/s and the weight stream in GB/s per shape and row count.
  * usage: linear_bench [threads] [rows,rows,...]   (built by bench/linear.sh) */
 #include "cpu/kernels.h"
 #include "cpu/pool.h"
+#include "format/blockquant.h"
 #include "format/fp8.h"
 
 #include <stdio.h>
@@ -32,20 +33,25 @@ static xp_linear make(xp_dtype dt, int64_t rows, int64_t cols)
     xp_linear l = {.dtype = dt, .rows = rows, .cols = cols};
     size_t n = (size_t)(rows * cols);
     if (dt == XP_F8_E4M3) {
+        /* values as a checkpoint holds them (about normal, sum of four uniforms), quantized as
+         * `xprec quantize` does: codes spread as a real model's, subnormals included */
+        float *f = malloc(n * sizeof *f);
         uint8_t *q = malloc(n);
         for (size_t i = 0; i < n; i++) {
-            uint8_t c = (uint8_t)next();
-            q[i] = (c & 0x7f) == 0x7f ? 0 : c;
+            double u = 0;
+            for (int t = 0; t < 4; t++)
+                u += (double)(next() >> 11) * 0x1p-53;
+            f[i] = (float)((u - 2.0) * 0.05);
         }
         l.w = q;
         l.br = l.bc = 128;
         l.nbc = (cols + 127) / 128;
         size_t ns = (size_t)((rows + 127) / 128 * l.nbc);
         l.scale = malloc(ns * sizeof(float));
-        for (size_t i = 0; i < ns; i++)
-            l.scale[i] = 1e-3f;
+        if (xp_block_quantize(f, rows, cols, 128, 128, XP_F32, q, l.scale) < 0) exit(1);
+        free(f);
         xp_linear_check_scales(&l);
-        /* as the loader does: 1 in 16 random codes is subnormal, so most blocks are marked */
+        /* as the loader does */
         if (xp_linear_mark_subnormals(&l) < 0) exit(1);
     } else {
         uint16_t *h = malloc(n * 2);
@@ -71,7 +77,7 @@ int main(int argc, char **argv)
     xp_pool *pool = xp_pool_create(threads);
     float **scratch = calloc((size_t)threads, sizeof *scratch);
     for (int t = 0; t < threads; t++)
-        scratch[t] = malloc(xp_linear_scratch_floats(3072) * sizeof(float));
+        scratch[t] = aligned_alloc(64, xp_linear_scratch_floats(3072) * sizeof(float));
     printf("%-10s %6s %10s %10s %10s\n", "weight", "rows", "ms/call", "GFLOP/s", "W GB/s");
     char buf[256];
     snprintf(buf, sizeof buf, "%s", rows_arg);
@@ -79,7 +85,7 @@ int main(int argc, char **argv)
         int n = atoi(tok);
         for (int s = 0; s < nshape; s++) {
             xp_linear l = make(shapes[s].dt, shapes[s].rows, shapes[s].cols);
-            float *x = malloc((size_t)(n * l.cols) * sizeof *x);
+            float *x = aligned_alloc(64, ((size_t)(n * l.cols) * sizeof *x + 63) & ~(size_t)63);
             float *y = malloc((size_t)(n * l.rows) * sizeof *y);
             for (int64_t i = 0; i < n * l.cols; i++)
                 x[i] = (float)((int)(next() % 2001) - 1000) * 1e-3f;
