@@ -30,7 +30,8 @@ static const xp_simd xp_simd_avx2 = {.dot = xp_dot_avx2,
                                      .exp_sum = xp_exp_sum_avx2,
                                      .dot_bf16 = xp_dot_bf16_avx2,
                                      .axpy_bf16 = xp_axpy_bf16_avx2,
-                                     .fp8_chunk = 8};
+                                     .fp8_chunk = 8,
+                                     .fused_max = 4};
 static const xp_simd xp_simd_avx512 = {.dot = xp_dot_avx512,
                                        .tile_rows = xp_tile_rows_avx512,
                                        .fused_rows = xp_fused_rows_avx512,
@@ -40,7 +41,8 @@ static const xp_simd xp_simd_avx512 = {.dot = xp_dot_avx512,
                                        .exp_sum = xp_exp_sum_avx512,
                                        .dot_bf16 = xp_dot_bf16_avx512,
                                        .axpy_bf16 = xp_axpy_bf16_avx512,
-                                       .fp8_chunk = 16};
+                                       .fp8_chunk = 16,
+                                       .fused_max = 8};
 
 /* The widest kernels this processor runs; XPREC_SIMD=avx2|scalar caps them (tests, A/B). */
 static int xp_cpu_level(void)
@@ -186,12 +188,12 @@ typedef struct {
     const xp_pool_extra *also;
 } xp_linear_job;
 
-/* The register-decoding kernel, when it applies: FP8 blocks must hold whole SIMD chunks and
- * have scales the fast decode can take. */
-static const xp_simd *xp_fused_kernel(const xp_linear *l)
+/* The register-decoding kernel for n input rows, when it applies: few enough rows for the
+ * level's registers, FP8 blocks holding whole SIMD chunks with scales the fast decode can take. */
+static const xp_simd *xp_fused_kernel(const xp_linear *l, int n)
 {
     const xp_simd *k = xp_simd_get();
-    if (!k || !(l->dtype == XP_BF16 ||
+    if (!k || n > k->fused_max || !(l->dtype == XP_BF16 ||
                 (l->dtype == XP_F8_E4M3 && l->fp8_fast && l->bc % k->fp8_chunk == 0)))
         return NULL;
     return k;
@@ -200,7 +202,7 @@ static const xp_simd *xp_fused_kernel(const xp_linear *l)
 void xp_linear_rows(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y,
                     int64_t ldy, float *scratch)
 {
-    const xp_simd *k = n <= 4 ? xp_fused_kernel(l) : NULL;
+    const xp_simd *k = xp_fused_kernel(l, n);
     if (k) {
         k->fused_rows(l, r0, r1, x, n, y, ldy);
         return;
@@ -278,7 +280,7 @@ void xp_lora_expand(const void *bt, int bf16, int64_t ldb, int rank, const float
 /* Weight rows per task of l for n input rows on `threads` threads. */
 static int64_t xp_linear_tile(const xp_linear *l, int n, int threads)
 {
-    if (n <= 4 && xp_fused_kernel(l))
+    if (xp_fused_kernel(l, n))
         /* no scratch to fit: two long runs of rows per thread. Small tasks (tens of KB) halved
          * decode's bandwidth: each restart costs the prefetchers their run-up and the threads
          * share cache lines of y at every boundary. */

@@ -185,4 +185,5 @@ XP_AVX2 static inline __m256 xp_exp256(__m256 x)
 /* 12 accumulators, 3 weight vectors and one input vector: the 16 registers */
 #define XMR 3
 #define XNR 4
+#define XFUSED_MAX 4
 #include "cpu/linear_body.h"

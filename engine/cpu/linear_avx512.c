@@ -189,4 +189,5 @@ XP_AVX512 static inline __m512 xp_exp512(__m512 x)
 /* 16 accumulators, 4 weight vectors and one input vector of the 32 registers */
 #define XMR 4
 #define XNR 4
+#define XFUSED_MAX 8
 #include "cpu/linear_body.h"

@@ -8,6 +8,7 @@
  *   XFP8S(q, S)   the same through F16, times S (= 2^8 * block scale): for subnormal codes
  *   XBF16(h)      XW BF16 values at h as F32
  *   XMR, XNR      the weight rows and input rows of the tile kernel
+ *   XFUSED_MAX    the most input rows the few-row path takes (4, or 8 with 32 registers)
  *
  * Every output element is one dot product summed in the level's one order: a single XW-lane
  * accumulator over the full XW-element chunks in column order, XHSUM, then the remaining columns
@@ -29,7 +30,7 @@ static inline float XN(wcol)(const void *w, const float *s, int64_t bc, int64_t 
 }
 
 #define XACC_R (XMR > 4 ? XMR : 4)
-#define XACC_C (XNR > 4 ? XNR : 4)
+#define XACC_C (XNR > XFUSED_MAX ? XNR : XFUSED_MAX)
 
 /* The chunks [c0, c1) of one scale block of the tile below into its accumulators. slow: FP8
  * codes through XFP8S, for blocks holding subnormal codes (S then holds 2^8 * scale). */
@@ -167,34 +168,51 @@ XN_FUSED(4, 1, XSRC_BF16, bf16_4x1)
 XN_FUSED(4, 2, XSRC_BF16, bf16_4x2)
 XN_FUSED(2, 3, XSRC_BF16, bf16_2x3)
 XN_FUSED(2, 4, XSRC_BF16, bf16_2x4)
+#if XFUSED_MAX >= 8
+XN_FUSED(2, 5, XSRC_FP8, fp8_2x5)
+XN_FUSED(2, 6, XSRC_FP8, fp8_2x6)
+XN_FUSED(2, 7, XSRC_FP8, fp8_2x7)
+XN_FUSED(2, 8, XSRC_FP8, fp8_2x8)
+XN_FUSED(2, 5, XSRC_BF16, bf16_2x5)
+XN_FUSED(2, 6, XSRC_BF16, bf16_2x6)
+XN_FUSED(2, 7, XSRC_BF16, bf16_2x7)
+XN_FUSED(2, 8, XSRC_BF16, bf16_2x8)
+#endif
 #undef XN_FUSED
 
 typedef void (*XN(fused_fn))(const void *const *, const float *const *, const uint8_t *const *,
                              int64_t, const float *const *, int64_t, float *, int64_t);
 
-/* y[i * ldy + r] for weight rows [r0, r1) of l and n <= 4 input rows x (stride l->cols). FP8
- * blocks must be a multiple of XW columns wide with fast scales, so no chunk straddles two
- * scales. */
+/* y[i * ldy + r] for weight rows [r0, r1) of l and n <= XFUSED_MAX input rows x (stride
+ * l->cols). FP8 blocks must be a multiple of XW columns wide with fast scales, so no chunk
+ * straddles two scales. */
 XT void XN(fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y,
                        int64_t ldy)
 {
     int fp8 = l->dtype == XP_F8_E4M3;
     int mr = n <= 2 ? 4 : 2, nr = n;
-    XN(fused_fn)
-    f = n == 1   ? (fp8 ? XN(fp8_4x1) : XN(bf16_4x1))
-        : n == 2 ? (fp8 ? XN(fp8_4x2) : XN(bf16_4x2))
-        : n == 3 ? (fp8 ? XN(fp8_2x3) : XN(bf16_2x3))
-                 : (fp8 ? XN(fp8_2x4) : XN(bf16_2x4));
+    static const XN(fused_fn) fns[2][XFUSED_MAX] = {
+        {XN(bf16_4x1), XN(bf16_4x2), XN(bf16_2x3), XN(bf16_2x4),
+#if XFUSED_MAX >= 8
+         XN(bf16_2x5), XN(bf16_2x6), XN(bf16_2x7), XN(bf16_2x8)
+#endif
+        },
+        {XN(fp8_4x1), XN(fp8_4x2), XN(fp8_2x3), XN(fp8_2x4),
+#if XFUSED_MAX >= 8
+         XN(fp8_2x5), XN(fp8_2x6), XN(fp8_2x7), XN(fp8_2x8)
+#endif
+        }};
+    XN(fused_fn) f = fns[fp8][n - 1];
     int64_t k = l->cols;
     size_t es = fp8 ? 1 : 2;
-    const float *xr[4];
+    const float *xr[XFUSED_MAX];
     for (int q = 0; q < n; q++)
         xr[q] = x + (size_t)q * (size_t)k;
     for (int64_t r = r0; r < r1; r += mr) {
         const void *wr[4];
         const float *sr[4] = {NULL, NULL, NULL, NULL};
         const uint8_t *ur[4] = {NULL, NULL, NULL, NULL};
-        float out[8];
+        float out[2 * XFUSED_MAX];
         for (int a = 0; a < mr; a++) {
             int64_t ra = r + a < r1 ? r + a : r1 - 1;
             wr[a] = (const unsigned char *)l->w + (size_t)ra * (size_t)k * es;

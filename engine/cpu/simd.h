@@ -20,7 +20,8 @@ typedef struct {
      * row stride k), y with row stride ldy; prefetching pf_bytes at pf meanwhile */
     void (*tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t k, float *y,
                       int64_t ldy, int64_t r0, const void *pf, int64_t pf_bytes);
-    /* y[i * ldy + r] for weight rows [r0, r1) and n <= 4 x rows, decoding W in registers */
+    /* y[i * ldy + r] for weight rows [r0, r1) and n <= fused_max x rows, decoding W in
+     * registers */
     void (*fused_rows)(const xp_linear *l, int64_t r0, int64_t r1, const float *x, int n, float *y,
                        int64_t ldy);
     /* xp_lora_expand (kernels.h) */
@@ -34,6 +35,7 @@ typedef struct {
     /* xp_exp_sum (kernels.h) */
     float (*exp_sum)(float *s, int n, float m);
     int fp8_chunk; /* lanes: FP8 block widths must be a multiple for fused_rows */
+    int fused_max; /* the most input rows fused_rows takes */
 } xp_simd;
 
 float xp_dot_avx2(const float *a, const float *b, int64_t n);

@@ -275,9 +275,9 @@ static void check_against_reference(const xp_linear *l, const float *x, int n, c
 
 /* The register-blocked kernels on ragged shapes (rows and columns not multiples of the tiles,
  * of 16 or of 128; FP8 blocks of 128, 64 and 48 columns, the last not a multiple of the
- * AVX-512 chunk), every batch size from the register-decoding path (1-4 rows) to the tile path,
- * every thread count: each against the reference, and each row's outputs the same bits alone,
- * in the batch, and at another position in a reversed batch. */
+ * AVX-512 chunk), every batch size from the register-decoding path (1-4 rows, 1-8 at AVX-512) to
+ * the tile path, every thread count: each against the reference, and each row's outputs the
+ * same bits alone, in the batch, and at another position in a reversed batch. */
 static void check_blocked(xp_dtype dt, int64_t rows, int64_t cols, int br, int bc)
 {
     tk_weight k = make_weight(dt, rows, cols, br, bc, (uint64_t)(rows * 131 + cols + bc));
@@ -289,7 +289,7 @@ static void check_blocked(xp_dtype dt, int64_t rows, int64_t cols, int br, int b
     tu_rng_seed(&r, (uint64_t)cols);
     for (int64_t i = 0; i < N * cols; i++)
         x[i] = (float)tu_rng_normal(&r);
-    static const int ns[] = {1, 2, 3, 4, 5, 7, 13, N};
+    static const int ns[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 13, N};
     for (int threads = 1; threads <= 3; threads += 2) {
         xp_pool *pool = xp_pool_create(threads);
         float **scratch = calloc((size_t)threads, sizeof *scratch);
@@ -404,7 +404,7 @@ static void test_fp8_subnormal_blocks_same_bits(void **state)
 {
     static const int64_t shapes[][2] = {{13, 130}, {37, 257}, {7, 1024}, {130, 272}};
     static const int blocks[][2] = {{128, 128}, {32, 64}, {5, 48}};
-    static const int ns[] = {1, 2, 3, 4, 5, 13, 24};
+    static const int ns[] = {1, 2, 3, 4, 5, 8, 13, 24};
     for (int s = 0; s < 4; s++)
         for (int bl = 0; bl < 3; bl++) {
             int64_t rows = shapes[s][0], cols = shapes[s][1];
