@@ -160,24 +160,21 @@ XT void XN(tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t
     {                                                                                              \
         XN(tile)(wr, sr, ur, bc, xr, k, out, mr, nr, src, pf, NULL, 0);                            \
     }
-XN_FUSED(4, 1, XSRC_FP8, fp8_4x1)
-XN_FUSED(4, 2, XSRC_FP8, fp8_4x2)
-XN_FUSED(2, 3, XSRC_FP8, fp8_2x3)
-XN_FUSED(2, 4, XSRC_FP8, fp8_2x4)
-XN_FUSED(4, 1, XSRC_BF16, bf16_4x1)
-XN_FUSED(4, 2, XSRC_BF16, bf16_4x2)
-XN_FUSED(2, 3, XSRC_BF16, bf16_2x3)
-XN_FUSED(2, 4, XSRC_BF16, bf16_2x4)
+/* each shape for FP8 and BF16 weights */
+#define XN_FUSED2(mr, nr)                                                                          \
+    XN_FUSED(mr, nr, XSRC_FP8, fp8_##mr##x##nr)                                                    \
+    XN_FUSED(mr, nr, XSRC_BF16, bf16_##mr##x##nr)
+XN_FUSED2(4, 1)
+XN_FUSED2(4, 2)
+XN_FUSED2(2, 3)
+XN_FUSED2(2, 4)
 #if XFUSED_MAX >= 8
-XN_FUSED(2, 5, XSRC_FP8, fp8_2x5)
-XN_FUSED(2, 6, XSRC_FP8, fp8_2x6)
-XN_FUSED(2, 7, XSRC_FP8, fp8_2x7)
-XN_FUSED(2, 8, XSRC_FP8, fp8_2x8)
-XN_FUSED(2, 5, XSRC_BF16, bf16_2x5)
-XN_FUSED(2, 6, XSRC_BF16, bf16_2x6)
-XN_FUSED(2, 7, XSRC_BF16, bf16_2x7)
-XN_FUSED(2, 8, XSRC_BF16, bf16_2x8)
+XN_FUSED2(2, 5)
+XN_FUSED2(2, 6)
+XN_FUSED2(2, 7)
+XN_FUSED2(2, 8)
 #endif
+#undef XN_FUSED2
 #undef XN_FUSED
 
 typedef void (*XN(fused_fn))(const void *const *, const float *const *, const uint8_t *const *,

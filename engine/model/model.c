@@ -22,22 +22,41 @@ void xp_linear_check_scales(xp_linear *l)
         if (!(fabsf(l->scale[i]) < 256.0f)) l->fp8_fast = 0;
 }
 
-int xp_linear_mark_subnormals(xp_linear *l)
+/* One pass over an FP8 weight's codes, block by block: marks the (row, block) runs holding
+ * subnormal codes (l->sub, NULL when none) and finds the first NaN code in row-major order.
+ * Returns its element index, -1 when there is none, -2 out of memory. */
+static int64_t xp_linear_scan_fp8(xp_linear *l)
 {
     free(l->sub);
     l->sub = NULL;
-    if (l->dtype != XP_F8_E4M3 || l->bc <= 0) return 0;
     const uint8_t *q = l->w;
+    int64_t nan = -1;
     for (int64_t r = 0; r < l->rows; r++)
         for (int64_t b = 0; b < l->nbc; b++) {
-            int64_t j = b * l->bc, end = j + l->bc < l->cols ? j + l->bc : l->cols;
-            for (const uint8_t *p = q + r * l->cols + j; j < end; j++, p++)
-                if ((*p & 0x78) == 0 && (*p & 0x07) != 0) break;
-            if (j == end) continue;
-            if (!l->sub && !(l->sub = calloc((size_t)(l->rows * l->nbc), 1))) return -1;
+            const uint8_t *p = q + r * l->cols + b * l->bc;
+            int64_t n = (b + 1) * l->bc < l->cols ? l->bc : l->cols - b * l->bc;
+            int sub = 0, bad = 0; /* no early exit: the loop vectorizes */
+            for (int64_t j = 0; j < n; j++) {
+                sub |= (p[j] & 0x78) == 0 && (p[j] & 0x07) != 0;
+                bad |= (p[j] & 0x7f) == 0x7f;
+            }
+            for (int64_t j = 0; bad && nan < 0; j++)
+                if ((p[j] & 0x7f) == 0x7f) nan = r * l->cols + b * l->bc + j;
+            if (!sub) continue;
+            if (!l->sub && !(l->sub = calloc((size_t)(l->rows * l->nbc), 1))) return -2;
             l->sub[r * l->nbc + b] = 1;
         }
-    return 0;
+    return nan;
+}
+
+int xp_linear_mark_subnormals(xp_linear *l)
+{
+    if (l->dtype != XP_F8_E4M3 || l->bc <= 0) {
+        free(l->sub);
+        l->sub = NULL;
+        return 0;
+    }
+    return xp_linear_scan_fp8(l) == -2 ? -1 : 0;
 }
 
 static int xp_linear_init(xp_linear *l, const xp_tensor *w, const xp_tensor *scale, int br, int bc)
@@ -56,17 +75,17 @@ static int xp_linear_init(xp_linear *l, const xp_tensor *w, const xp_tensor *sca
         l->w = l->owned;
     }
     if (w->dtype == XP_F8_E4M3) {
-        const uint8_t *q = w->data;
-        for (uint64_t i = 0; i < w->nelem; i++)
-            if ((q[i] & 0x7f) == 0x7f)
-                return xp_fail("%s holds an FP8 NaN code at element %llu", w->name,
-                               (unsigned long long)i);
         l->br = br;
         l->bc = bc;
         l->nbc = (l->cols + bc - 1) / bc;
+        /* NaN codes refused and subnormal blocks marked in one read of the codes */
+        int64_t nan = xp_linear_scan_fp8(l);
+        if (nan == -2) return xp_fail("out of memory");
+        if (nan >= 0)
+            return xp_fail("%s holds an FP8 NaN code at element %llu", w->name,
+                           (unsigned long long)nan);
         if (!(l->scale = xp_to_f32_copy(scale))) return xp_fail("out of memory");
         xp_linear_check_scales(l);
-        if (xp_linear_mark_subnormals(l) < 0) return xp_fail("out of memory");
     } else if (w->dtype != XP_BF16 && w->dtype != XP_F16 && w->dtype != XP_F32) {
         return xp_fail("%s has dtype %s, which the engine does not run", w->name,
                        xp_dtype_name(w->dtype));
