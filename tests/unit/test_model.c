@@ -6,8 +6,12 @@
 #include "format/blockquant.h"
 #include "model/model.h"
 
+#include <cjson/cJSON.h>
+
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static char model_dir[4096];
 static int have_model;
@@ -94,11 +98,56 @@ static void test_rope_override(void **state)
     xp_model_free(plain);
 }
 
+/* An FP8 weight holding NaN codes is refused at load, naming the weight and the first such
+ * element in row-major order (found in the same read of the codes that marks subnormal blocks);
+ * without them the same file loads, with its subnormal blocks marked. */
+static void test_fp8_nan_code_refused(void **state)
+{
+    char dir[4096], path[4200];
+    xp_qwen3_config cfg = tm_small_config();
+    tu_fresh_dir(dir, "nanmodel");
+    if (tm_write_model(dir, &cfg, 1, 9) != 0) skip();
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    size_t len;
+    unsigned char *raw = (unsigned char *)tu_read_file(path, &len);
+    assert_non_null(raw);
+    uint64_t hlen = 0;
+    for (int k = 7; k >= 0; k--)
+        hlen = hlen << 8 | raw[k];
+    char *js = malloc(hlen + 1);
+    memcpy(js, raw + 8, hlen);
+    js[hlen] = 0;
+    cJSON *h = cJSON_Parse(js), *t = cJSON_GetObjectItem(h, "model.layers.0.mlp.up_proj.weight");
+    assert_non_null(t);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(t, "dtype")), "F8_E4M3");
+    size_t off = 8 + hlen + (size_t)cJSON_GetArrayItem(cJSON_GetObjectItem(t, "data_offsets"), 0)->valuedouble;
+    int64_t cols = (int64_t)cJSON_GetArrayItem(cJSON_GetObjectItem(t, "shape"), 1)->valuedouble;
+    cJSON_Delete(h);
+    free(js);
+    xp_model *m;
+    assert_int_equal(xp_model_load(dir, NULL, &m), 0);
+    xp_model_free(m);
+    /* two NaN codes, the later one in the first column of the next row: the row-major first is
+     * named */
+    int64_t first = 2 * cols + cols - 1, later = 3 * cols;
+    raw[off + first] = 0xff;
+    raw[off + later] = 0x7f;
+    assert_int_equal(tu_write_file(path, raw, len), 0);
+    assert_int_equal(xp_model_load(dir, NULL, &m), -1);
+    assert_null(m);
+    char want[160];
+    snprintf(want, sizeof want, "model.layers.0.mlp.up_proj.weight holds an FP8 NaN code at element %lld",
+             (long long)first);
+    assert_error_contains(want);
+    free(raw);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fp8_lm_head),
         cmocka_unit_test(test_rope_override),
+        cmocka_unit_test(test_fp8_nan_code_refused),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }
