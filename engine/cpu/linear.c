@@ -15,8 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define XP_TILE_FLOATS (32 * 1024) /* 128 KB of decoded weights per tile */
-#define XP_TILE_MIN_ROWS 12        /* whole tiles of every level's kernel (3 or 4 rows) */
+#define XP_TILE_FLOATS (96 * 1024) /* 384 KB of decoded weights per scratch-full */
+#define XP_TILE_MIN_ROWS 12        /* whole tiles of every level's kernel (3 or 6 rows) */
 
 static int xp_simd_level = -1; /* -1 unknown, 0 scalar, 1 AVX2, 2 AVX-512 */
 static int xp_forced_scalar;
@@ -217,6 +217,7 @@ void xp_linear_rows(const xp_linear *l, int64_t r0, int64_t r1, const float *x, 
     /* decoded a scratch-full at a time: each element's sum is the same however the rows split.
      * The next scratch-full's weights are prefetched while this one's tiles compute. */
     int64_t per = (int64_t)xp_linear_scratch_floats(l->cols) / (l->cols > 0 ? l->cols : 1);
+    per = per / XP_TILE_MIN_ROWS * XP_TILE_MIN_ROWS; /* whole tiles: no rows computed twice */
     size_t es = xp_dtype_size(l->dtype);
     for (int64_t a = r0; a < r1; a += per) {
         int64_t b = a + per < r1 ? a + per : r1, c = b + per < r1 ? b + per : r1;

@@ -109,28 +109,61 @@ XN(tile)(const void *const *wr, const float *const *sr, const uint8_t *const *ur
     }
 }
 
+/* What the tiles of one x block prefetch, a slice per tile: up to two regions in turn. */
+typedef struct {
+    const char *p[2];
+    int64_t left[2];
+    int cur;
+} XN(pfq);
+
+/* The next tile's slice of q (NULL when q is spent), and q moved past it. */
+static inline const char *XN(pfq_take)(XN(pfq) *q, int64_t slice)
+{
+    while (q->cur < 2 && q->left[q->cur] <= 0)
+        q->cur++;
+    if (q->cur == 2) return NULL;
+    const char *p = q->p[q->cur];
+    int64_t n = q->left[q->cur] < slice ? q->left[q->cur] : slice;
+    q->p[q->cur] += n;
+    q->left[q->cur] -= n;
+    return p;
+}
+
 /* y[i, r0 + a] for the decoded F32 rows w[0 .. nw) (row stride k) and n input rows x (stride k),
  * y with row stride ldy: XMR x XNR tiles; at the ragged edges the missing rows repeat the last
  * real one and their results are dropped. The x rows are taken a block at a time so that block
- * stays in cache while every tile of weight rows meets it. The pf_bytes at pf (the weights the
- * caller decodes next; pf may be NULL) are prefetched a slice per tile, so memory streams while
- * the tiles compute instead of in bursts between them. */
+ * stays in cache while every tile of weight rows meets it. While one x block computes, its tiles
+ * prefetch the next one a slice each: the first tile to meet an x row otherwise waits on the
+ * outer cache line by line (measured 1.2x on 1024 rows). During the last block they prefetch the
+ * pf_bytes at pf (the weights the caller decodes next; pf may be NULL) and then the first x block,
+ * which the next scratch-full meets first. */
 XT void XN(tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t k, float *y,
                       int64_t ldy, int64_t r0, const void *pf, int64_t pf_bytes)
 {
     int xblock = (int)((64 * 1024) / (k > 0 ? k : 1));
     xblock = xblock < XNR ? XNR : xblock / XNR * XNR;
-    int64_t calls = (nw + XMR - 1) / XMR * ((n + XNR - 1) / XNR), chunks = k / XW;
-    const char *pq = NULL, *pend = NULL; /* the slice the next tile prefetches, and the end */
-    int64_t slice = 0, pstep = 0;
-    if (pf && pf_bytes > 0 && calls > 0 && chunks > 0) {
-        pq = pf;
-        pend = pq + pf_bytes;
-        slice = (pf_bytes + calls - 1) / calls;
-        pstep = (slice + chunks - 1) / chunks;
-    }
+    int64_t chunks = k / XW, xbytes = k * (int64_t)sizeof(float);
     for (int i0 = 0; i0 < n; i0 += xblock) {
         int i1 = i0 + xblock < n ? i0 + xblock : n;
+        XN(pfq) q = {{NULL, NULL}, {0, 0}, 0};
+        if (i1 < n) {
+            int i2 = i1 + xblock < n ? i1 + xblock : n;
+            q.p[0] = (const char *)(x + (size_t)i1 * (size_t)k);
+            q.left[0] = (i2 - i1) * xbytes;
+        } else {
+            q.p[0] = pf;
+            q.left[0] = pf ? pf_bytes : 0;
+            if (i0 > 0) {
+                q.p[1] = (const char *)x;
+                q.left[1] = xblock * xbytes;
+            }
+        }
+        int64_t tiles = (nw + XMR - 1) / XMR * ((i1 - i0 + XNR - 1) / XNR);
+        int64_t total = q.left[0] + q.left[1], slice = 0, pstep = 0;
+        if (total > 0 && chunks > 0) {
+            slice = (total + tiles - 1) / tiles;
+            pstep = (slice + chunks - 1) / chunks;
+        }
         for (int64_t a0 = 0; a0 < nw; a0 += XMR) {
             const void *wr[XMR];
             for (int a = 0; a < XMR; a++)
@@ -138,13 +171,13 @@ XT void XN(tile_rows)(const float *w, int64_t nw, const float *x, int n, int64_t
             for (int i = i0; i < i1; i += XNR) {
                 const float *xr[XNR];
                 float out[XMR * XNR];
-                for (int q = 0; q < XNR; q++)
-                    xr[q] = x + (size_t)(i + q < i1 ? i + q : i1 - 1) * (size_t)k;
+                for (int c = 0; c < XNR; c++)
+                    xr[c] = x + (size_t)(i + c < i1 ? i + c : i1 - 1) * (size_t)k;
+                const char *pq = slice ? XN(pfq_take)(&q, slice) : NULL;
                 XN(tile)(wr, NULL, NULL, 0, xr, k, out, XMR, XNR, XSRC_F32, 0, pq, pstep);
-                if (pq) pq = pend - pq > slice ? pq + slice : NULL;
                 for (int a = 0; a < XMR && a0 + a < nw; a++)
-                    for (int q = 0; q < XNR && i + q < i1; q++)
-                        y[(size_t)(i + q) * (size_t)ldy + (size_t)(r0 + a0 + a)] = out[a * XNR + q];
+                    for (int c = 0; c < XNR && i + c < i1; c++)
+                        y[(size_t)(i + c) * (size_t)ldy + (size_t)(r0 + a0 + a)] = out[a * XNR + c];
             }
         }
     }

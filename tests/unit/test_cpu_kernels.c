@@ -338,6 +338,11 @@ static void blocked_shapes(void)
         check_blocked(XP_F16, rows, cols, 0, 0);
         check_blocked(XP_F32, rows, cols, 0, 0);
     }
+    /* wide enough that the tile path takes its 37 input rows in two blocks and its 50 weight
+     * rows in two scratch-fulls, the second ragged: the loop edges and the prefetch of the next
+     * block and of the next weights */
+    check_blocked(XP_F8_E4M3, 50, 2100, 128, 128);
+    check_blocked(XP_BF16, 50, 2100, 0, 0);
 }
 
 static void test_blocked_kernels_match_reference_and_are_batch_invariant(void **state)
