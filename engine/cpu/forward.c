@@ -267,54 +267,103 @@ static void xp_linear_lora(xp_runtime *rt, const xp_batch *b, int layer, const x
     if (expand.first[nm]) xp_pool_run(rt->pool, expand.first[nm], xp_lora_many_task, &expand);
 }
 
-static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer)
+/* The row-wise steps between the matrix products (norms, RoPE, the KV store, SiLU, residuals),
+ * split by rows over the pool once a step holds enough rows to pay for the hand-off: in a long
+ * prefill they were a seventh of the time on one thread while the others waited. Each row is
+ * computed by the same code whichever thread takes it, so the bits do not change. */
+#define XP_ROWS_PARALLEL 8 /* fewest rows that go to the pool */
+
+typedef enum { XP_ROWS_NORM, XP_ROWS_QK, XP_ROWS_SILU } xp_rows_op;
+
+typedef struct {
+    xp_runtime *rt;
+    const xp_batch *b;
+    int layer, tasks;
+    xp_rows_op op;
+    const float *w; /* XP_ROWS_NORM: the norm's weight */
+    int add;        /* XP_ROWS_NORM: first x += out */
+} xp_rows_job;
+
+static void xp_rows_range(const xp_rows_job *j, int i0, int i1)
 {
+    xp_runtime *rt = j->rt;
     const xp_qwen3_config *g = &rt->m->cfg;
-    const xp_layer *L = &rt->m->layers[layer];
-    int n = b->n, H = g->num_attention_heads, KV = g->num_key_value_heads, d = g->head_dim;
-    int hid = g->hidden_size;
+    int hid = g->hidden_size, H = g->num_attention_heads, KV = g->num_key_value_heads;
+    int d = g->head_dim, inter = g->intermediate_size;
     float eps = (float)g->rms_norm_eps;
-    for (int i = 0; i < n; i++)
-        xp_rmsnorm(rt->x + (size_t)i * hid, L->attn_norm, hid, eps, rt->h + (size_t)i * hid);
+    for (int i = i0; i < i1; i++) {
+        if (j->op == XP_ROWS_NORM) {
+            float *x = rt->x + (size_t)i * hid;
+            if (j->add)
+                for (int c = 0; c < hid; c++)
+                    x[c] += rt->out[(size_t)i * hid + c];
+            xp_rmsnorm(x, j->w, hid, eps, rt->h + (size_t)i * hid);
+        } else if (j->op == XP_ROWS_QK) {
+            const xp_layer *L = &rt->m->layers[j->layer];
+            for (int hh = 0; hh < H; hh++) {
+                float *q = rt->q + ((size_t)i * H + hh) * d;
+                xp_rmsnorm(q, L->q_norm, d, eps, q);
+                xp_rope(q, d, rt->rope + (size_t)i * d);
+            }
+            for (int hh = 0; hh < KV; hh++) {
+                float *k = rt->k + ((size_t)i * KV + hh) * d;
+                xp_rmsnorm(k, L->k_norm, d, eps, k);
+                xp_rope(k, d, rt->rope + (size_t)i * d);
+            }
+            xp_kv_store_put(&rt->kv, j->b->tables[i], j->layer, j->b->pos[i],
+                            rt->k + (size_t)i * KV * d, rt->v + (size_t)i * KV * d);
+        } else {
+            float *gt = rt->gate + (size_t)i * inter;
+            const float *up = rt->up + (size_t)i * inter;
+            for (int c = 0; c < inter; c++) {
+                float a = gt[c];
+                gt[c] = a / (1.0f + expf(-a)) * up[c]; /* SiLU(gate) * up */
+            }
+        }
+    }
+}
+
+static void xp_rows_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const xp_rows_job *j = ctx;
+    int n = j->b->n;
+    xp_rows_range(j, (int)((int64_t)n * task / j->tasks), (int)((int64_t)n * (task + 1) / j->tasks));
+}
+
+static void xp_rows(xp_runtime *rt, const xp_batch *b, int layer, xp_rows_op op, const float *w,
+                    int add)
+{
+    xp_rows_job j = {rt, b, layer, 1, op, w, add};
+    if (b->n < XP_ROWS_PARALLEL || rt->threads < 2) {
+        xp_rows_range(&j, 0, b->n);
+        return;
+    }
+    j.tasks = rt->threads;
+    xp_pool_run(rt->pool, j.tasks, xp_rows_task, &j);
+}
+
+/* x arrives with the previous block's output still in out when add is set (every block but the
+ * first): the residual is added row by row just before that row's norm. */
+static void xp_attention_block(xp_runtime *rt, const xp_batch *b, int layer, int add)
+{
+    const xp_layer *L = &rt->m->layers[layer];
+    xp_rows(rt, b, layer, XP_ROWS_NORM, L->attn_norm, add);
     static const xp_module qkv[] = {XP_MOD_Q, XP_MOD_K, XP_MOD_V};
     xp_linear_lora(rt, b, layer, qkv, 3, rt->h, (float *const[]){rt->q, rt->k, rt->v});
-    for (int i = 0; i < n; i++) {
-        for (int hh = 0; hh < H; hh++) {
-            float *q = rt->q + ((size_t)i * H + hh) * d;
-            xp_rmsnorm(q, L->q_norm, d, eps, q);
-            xp_rope(q, d, rt->rope + (size_t)i * d);
-        }
-        for (int hh = 0; hh < KV; hh++) {
-            float *k = rt->k + ((size_t)i * KV + hh) * d;
-            xp_rmsnorm(k, L->k_norm, d, eps, k);
-            xp_rope(k, d, rt->rope + (size_t)i * d);
-        }
-        xp_kv_store_put(&rt->kv, b->tables[i], layer, b->pos[i], rt->k + (size_t)i * KV * d,
-                        rt->v + (size_t)i * KV * d);
-    }
-    xp_attention(rt->pool, rt->att_scratch, rt->scratch, &rt->kv, g, b, layer, rt->q, rt->att,
-                 rt->tiles);
+    xp_rows(rt, b, layer, XP_ROWS_QK, NULL, 0);
+    xp_attention(rt->pool, rt->att_scratch, rt->scratch, &rt->kv, &rt->m->cfg, b, layer, rt->q,
+                 rt->att, rt->tiles);
     xp_linear_lora(rt, b, layer, &(xp_module){XP_MOD_O}, 1, rt->att, &rt->out);
-    for (size_t i = 0; i < (size_t)n * hid; i++)
-        rt->x[i] += rt->out[i];
 }
 
 static void xp_mlp_block(xp_runtime *rt, const xp_batch *b, int layer)
 {
-    const xp_qwen3_config *g = &rt->m->cfg;
-    int n = b->n, hid = g->hidden_size, inter = g->intermediate_size;
-    for (int i = 0; i < n; i++)
-        xp_rmsnorm(rt->x + (size_t)i * hid, rt->m->layers[layer].mlp_norm, hid,
-                   (float)g->rms_norm_eps, rt->h + (size_t)i * hid);
+    xp_rows(rt, b, layer, XP_ROWS_NORM, rt->m->layers[layer].mlp_norm, 1);
     static const xp_module gate_up[] = {XP_MOD_GATE, XP_MOD_UP};
     xp_linear_lora(rt, b, layer, gate_up, 2, rt->h, (float *const[]){rt->gate, rt->up});
-    for (size_t i = 0; i < (size_t)n * inter; i++) {
-        float a = rt->gate[i];
-        rt->gate[i] = a / (1.0f + expf(-a)) * rt->up[i]; /* SiLU(gate) * up */
-    }
+    xp_rows(rt, b, layer, XP_ROWS_SILU, NULL, 0);
     xp_linear_lora(rt, b, layer, &(xp_module){XP_MOD_DOWN}, 1, rt->gate, &rt->out);
-    for (size_t i = 0; i < (size_t)n * hid; i++)
-        rt->x[i] += rt->out[i];
 }
 
 int xp_forward(xp_runtime *rt, const xp_batch *b)
@@ -340,9 +389,11 @@ int xp_forward(xp_runtime *rt, const xp_batch *b)
                       rt->rope + (size_t)i * g->head_dim);
     }
     for (int l = 0; l < g->num_hidden_layers; l++) {
-        xp_attention_block(rt, b, l);
+        xp_attention_block(rt, b, l, l > 0);
         xp_mlp_block(rt, b, l);
     }
+    for (size_t i = 0; i < (size_t)b->n * hid; i++) /* the last block's residual */
+        rt->x[i] += rt->out[i];
     for (int i = 0; i < b->n_out; i++)
         xp_rmsnorm(rt->x + (size_t)b->out_rows[i] * hid, rt->m->final_norm, hid,
                    (float)g->rms_norm_eps, rt->h + (size_t)i * hid);
