@@ -186,7 +186,7 @@ XP_AVX512 static inline __m512 xp_exp512(__m512 x)
 #define XFP8(q, S) xp_fp8x16_512(q, S)
 #define XFP8S(q, S) xp_fp8x16_f16_512(q, S)
 #define XBF16(h) xp_bf16x16(h)
-/* 16 accumulators, 4 weight vectors and one input vector of the 32 registers */
+/* 24 accumulators, 6 weight vectors and one input vector of the 32 registers */
 #define XMR 6
 #define XNR 4
 #define XFUSED_MAX 8
